@@ -1,0 +1,42 @@
+# vla-recipes: `make demo` installs and runs the CPU demo, `make test` installs and runs the tests.
+PYTHON ?= python3.12
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_DATA ?= data/synthetic_reach
+DEMO_OUT ?= outputs/demo-openvla
+ACCELERATE := $(BIN)/accelerate launch --config_file accelerate_configs/single_gpu.yaml
+
+.PHONY: install demo test test-slow lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+$(DEMO_DATA)/meta/info.json: | install
+	$(BIN)/python -m vla_recipes.data.synthetic --root $(DEMO_DATA) --num_episodes 24
+
+# Tiny OpenVLA fine-tuned on the synthetic dataset, saved, reloaded with AutoModel, actions predicted.
+demo: install $(DEMO_DATA)/meta/info.json
+	$(ACCELERATE) recipes/sft.py --config recipes/demo/openvla.yaml --output_dir $(DEMO_OUT) --overwrite_output_dir true
+	$(BIN)/python recipes/evaluate.py --model $(DEMO_OUT) --config recipes/demo/openvla.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: no slow test collected
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) outputs data

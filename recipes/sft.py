@@ -1,0 +1,92 @@
+"""Fine-tune a VLA policy (OpenVLA, pi0.5) on a LeRobot dataset.
+
+    accelerate launch recipes/sft.py --config recipes/demo/openvla.yaml [--any_field value ...]
+
+The recipe YAML chooses the model, the dataset and the fine-tuning mode; the accelerate config
+chooses the hardware strategy. Every check that can fail runs before the weights are loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import transformers
+from transformers import set_seed
+
+from vla_recipes.hub import save_for_inference
+from vla_recipes.configs import RecipeError, parse_recipe
+from vla_recipes.data.lerobot import (
+    VLADataset,
+    dataset_norm_stats,
+    episode_split,
+    feature_dim,
+    load_metadata,
+    resolve_camera_keys,
+)
+from vla_recipes.families import get_family
+from vla_recipes.finetuning import ADAPTER_MODES, apply_finetune_mode, check_finetune_mode, load_model, model_type_of
+
+logger = logging.getLogger("vla_recipes.sft")
+
+
+def main(args: list[str] | None = None) -> None:
+    model_args, data_args, training_args = parse_recipe(args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+
+    # Checks first: recipe, dataset features, statistics. Nothing heavy has been loaded yet.
+    family = get_family(model_type_of(model_args))
+    check_finetune_mode(model_args, family.supported_modes)
+    meta = load_metadata(data_args)
+    camera_keys = resolve_camera_keys(meta, data_args)
+    train_episodes, eval_episodes = episode_split(meta, data_args)
+    action_dim = feature_dim(meta, data_args.action_key)
+    norm_mode = data_args.norm_mode or family.default_norm_mode
+    mask = data_args.action_norm_mask or (
+        family.default_action_norm_mask(action_dim) if norm_mode == "bounds_q99" else None
+    )
+    norm_stats = dataset_norm_stats(meta, data_args, norm_mode, mask)
+
+    model = load_model(model_args, training_args.output_dir)
+    family.configure(
+        model.config, data_args, camera_keys, action_dim=action_dim, norm_mode=norm_mode, norm_stats=norm_stats
+    )
+    processor = family.build_processor(model.config, model_args)
+    model = apply_finetune_mode(model, model_args, training_args.gradient_checkpointing)
+    if model_args.finetune_mode in ADAPTER_MODES:
+        model.print_trainable_parameters()
+
+    trainer = family.make_trainer(
+        model=model,
+        args=training_args,
+        processor=processor,
+        train_dataset=VLADataset(meta, data_args, camera_keys, train_episodes, augment=data_args.image_augmentation),
+        eval_dataset=VLADataset(meta, data_args, camera_keys, eval_episodes) if eval_episodes else None,
+    )
+    logger.info(
+        "training %s (%s) on %s: %d train / %d eval episodes, norm_mode=%s",
+        family.model_type,
+        model_args.finetune_mode,
+        data_args.dataset_repo_id,
+        len(train_episodes),
+        len(eval_episodes or []),
+        norm_mode,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_state()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    save_for_inference(trainer, model_args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RecipeError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,178 @@
+"""The recipe: model, data and training arguments, parsed from a YAML file and the command line.
+
+``parse_recipe()`` reads ``--config recipe.yaml`` with TRL's ``TrlParser`` (the alignment-handbook
+convention): the YAML sets the defaults, any field can be overridden on the command line
+(CLI > YAML > default), and a key that no dataclass knows is an error that names it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+from transformers import TrainingArguments
+from trl import TrlParser
+
+from vla_recipes.data.normalize import NORM_MODES
+
+FinetuneMode = Literal["full", "lora", "qlora", "expert_only"]
+
+
+class RecipeError(ValueError):
+    """A bad recipe value: the message names the key and the fix."""
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune and how (full, LoRA, QLoRA, pi0.5 expert-only)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Pretrained model: Hub id or local folder (e.g. openvla/openvla-7b)."}
+    )
+    model_config: dict | str | None = field(
+        default=None,
+        metadata={"help": "Config fields of a randomly initialised model (a dict with `model_type`, or JSON on the CLI)."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer for a `model_config` model; default: a local character-level tokenizer."},
+    )
+    dtype: str | None = field(default=None, metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa or flash_attention_2."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code from the model repo (off by default)."})
+    finetune_mode: FinetuneMode = field(default="full", metadata={"help": "full, lora, qlora or expert_only (pi0.5)."})
+    lora_r: int = field(default=32, metadata={"help": "LoRA rank (OpenVLA: 32)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (OpenVLA: min(r, 16))."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names or 'all-linear'; default: the model's own choice (every used linear)."},
+    )
+    lora_init_weights: str = field(default="gaussian", metadata={"help": "PEFT init_lora_weights (OpenVLA: gaussian)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4."})
+    bnb_4bit_use_double_quant: bool = field(default=False, metadata={"help": "QLoRA nested quantisation."})
+    merge_adapters: bool = field(
+        default=False, metadata={"help": "LoRA/QLoRA: also write the merged model to <output_dir>/merged."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model_config, str):
+            try:
+                self.model_config = json.loads(self.model_config)
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"model_config must be a mapping (YAML) or JSON on the CLI: {e}") from e
+        if (self.model_name_or_path is None) == (self.model_config is None):
+            raise RecipeError("set exactly one of model_name_or_path (pretrained) or model_config (random init)")
+        if self.model_config is not None and "model_type" not in self.model_config:
+            raise RecipeError("model_config needs a `model_type` key (openvla or pi05)")
+
+
+@dataclass
+class DataArguments:
+    """Which LeRobot dataset, which of its features, and how to cut it into samples."""
+
+    dataset_repo_id: str = field(
+        default=None, metadata={"help": "LeRobot dataset (v3.0) repo id, e.g. lerobot/libero_spatial_image."}
+    )
+    dataset_root: str | None = field(default=None, metadata={"help": "Local folder of the dataset (optional)."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "Dataset revision (branch, tag, commit)."})
+    camera_keys: list[str] | None = field(
+        default=None, metadata={"help": "Camera features fed to the model; default: the dataset's first camera."}
+    )
+    state_key: str | None = field(default="observation.state", metadata={"help": "State feature (None: no state)."})
+    action_key: str = field(default="action", metadata={"help": "Action feature."})
+    action_horizon: int = field(default=1, metadata={"help": "Actions per sample (chunk length; OpenVLA: 1)."})
+    train_episodes: list[str] | None = field(
+        default=None, metadata={"help": "Episodes to train on: indices and ranges like '0:40'; default: all not eval."}
+    )
+    eval_episodes: list[str] | None = field(
+        default=None, metadata={"help": "Held-out episodes for evaluation: indices and ranges like '40:50'."}
+    )
+    norm_mode: str | None = field(
+        default=None,
+        metadata={"help": f"One of {', '.join(NORM_MODES)}; default: the model's (OpenVLA bounds_q99)."},
+    )
+    action_norm_mask: list[bool] | None = field(
+        default=None,
+        metadata={"help": "Per action dim, normalise or not; default (OpenVLA): all but the last (the gripper)."},
+    )
+    image_augmentation: bool = field(
+        default=False, metadata={"help": "OpenVLA's augmentation: random crop (90% area) + colour jitter."}
+    )
+    video_backend: str = field(default="pyav", metadata={"help": "LeRobot video backend: pyav or torchcodec."})
+
+    def __post_init__(self) -> None:
+        if self.dataset_repo_id is None:
+            raise RecipeError("dataset_repo_id is required (a LeRobot dataset repo id; dataset_root for a local copy)")
+        if self.action_horizon < 1:
+            raise RecipeError(f"action_horizon must be >= 1, got {self.action_horizon}")
+        if self.norm_mode is not None and self.norm_mode not in NORM_MODES:
+            raise RecipeError(f"norm_mode={self.norm_mode!r} is not one of {', '.join(NORM_MODES)}")
+
+
+@dataclass
+class VLATrainingArguments(TrainingArguments):
+    """``transformers.TrainingArguments`` with the defaults a VLA fine-tune needs."""
+
+    output_dir: str = field(default="outputs/run", metadata={"help": "Where checkpoints and the final model go."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep every collated field (the model needs pixel_values etc.)."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    report_to: str | list[str] = field(default="none", metadata={"help": "tensorboard, wandb, ... or none."})
+
+
+def parse_episodes(spec: Sequence[str | int] | str | None) -> list[int] | None:
+    """``['0:3', 5]`` or ``'0:3,5'`` -> ``[0, 1, 2, 5]`` (Python-style half-open ranges)."""
+    if spec is None:
+        return None
+    items = spec.split(",") if isinstance(spec, str) else spec
+    episodes: list[int] = []
+    for item in items:
+        text = str(item).strip()
+        try:
+            if ":" in text:
+                start, stop = text.split(":")
+                episodes.extend(range(int(start), int(stop)))
+            elif text:
+                episodes.append(int(text))
+        except ValueError as e:
+            raise RecipeError(f"episode spec {text!r} is not an index or a 'start:stop' range") from e
+    return episodes
+
+
+RECIPE_DATACLASSES = (ModelArguments, DataArguments, VLATrainingArguments)
+
+
+def _unknown_key_error(unknown: list[str], source: str) -> RecipeError:
+    names = [s[2:] for s in unknown if s.startswith("--")] or unknown
+    known = [f.name for cls in RECIPE_DATACLASSES for f in fields(cls)]
+    hints = {n: difflib.get_close_matches(n.replace("-", "_"), known, n=1) for n in names}
+    described = ", ".join(f"{n!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for n, h in hints.items())
+    return RecipeError(f"unknown recipe key in {source}: {described}")
+
+
+def parse_recipe(
+    args: Sequence[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, VLATrainingArguments]:
+    """Parse ``--config recipe.yaml`` plus CLI overrides into the three argument dataclasses."""
+    args = list(sys.argv[1:] if args is None else args)
+    if "--config" in args:
+        path = args[args.index("--config") + 1]
+        try:
+            open(path).close()
+        except OSError as e:
+            raise RecipeError(f"recipe file {path!r} cannot be read: {e.strerror}") from e
+    parser = TrlParser(RECIPE_DATACLASSES, allow_abbrev=False)  # a typo must not pass as a prefix
+    *parsed, from_yaml, from_cli = parser.parse_args_and_config(
+        args, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    if from_yaml:
+        raise _unknown_key_error(from_yaml, "the recipe YAML")
+    if from_cli:
+        raise _unknown_key_error(from_cli, "the command line")
+    return tuple(parsed)

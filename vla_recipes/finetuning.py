@@ -1,0 +1,95 @@
+"""Loading a model for fine-tuning and applying the recipe's mode: full, LoRA, QLoRA, expert-only.
+
+A ``model_config`` (random init) and a pretrained ``model_name_or_path`` take the same path: a
+random model is first written to ``<output_dir>/base_model`` when adapters need a base to point to,
+then everything loads through ``from_pretrained`` (so QLoRA quantises a random model exactly as it
+quantises openvla/openvla-7b).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, BitsAndBytesConfig, PreTrainedModel
+
+from vla_recipes.configs import ModelArguments, RecipeError
+
+ADAPTER_MODES = ("lora", "qlora")
+
+
+def model_type_of(model_args: ModelArguments) -> str:
+    """The family (``config.model_type``) a recipe trains, read without loading weights."""
+    if model_args.model_config is not None:
+        return model_args.model_config["model_type"]
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    return config.model_type
+
+
+def check_finetune_mode(model_args: ModelArguments, supported_modes: tuple[str, ...]) -> None:
+    """Fail before any weight is loaded when the mode cannot run here."""
+    mode = model_args.finetune_mode
+    if mode not in supported_modes:
+        raise RecipeError(f"finetune_mode={mode!r} is not available for this model; use one of {supported_modes}")
+    if mode == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError("finetune_mode='qlora' needs bitsandbytes: pip install 'bitsandbytes>=0.46'")
+
+
+def torch_dtype(model_args: ModelArguments) -> torch.dtype | str | None:
+    if model_args.dtype in (None, "auto"):
+        return model_args.dtype
+    return getattr(torch, model_args.dtype)
+
+
+def quantization_config(model_args: ModelArguments) -> BitsAndBytesConfig | None:
+    """QLoRA's frozen 4-bit base (nf4 by default), computing in the recipe's dtype."""
+    if model_args.finetune_mode != "qlora":
+        return None
+    compute = torch_dtype(model_args)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute if isinstance(compute, torch.dtype) else torch.float32,
+    )
+
+
+def load_model(model_args: ModelArguments, output_dir: str) -> PreTrainedModel:
+    """The model to fine-tune, before any adapter is added."""
+    path = model_args.model_name_or_path
+    if model_args.model_config is not None:
+        model = AutoModel.from_config(AutoConfig.for_model(**model_args.model_config))
+        if model_args.finetune_mode not in ADAPTER_MODES:
+            return model.to(torch_dtype(model_args)) if isinstance(torch_dtype(model_args), torch.dtype) else model
+        path = str(Path(output_dir).resolve() / "base_model")
+        model.save_pretrained(path)
+    kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    return AutoModel.from_pretrained(
+        path,
+        dtype=torch_dtype(model_args),
+        quantization_config=quantization_config(model_args),
+        trust_remote_code=model_args.trust_remote_code,
+        **kwargs,
+    )
+
+
+def apply_finetune_mode(model: PreTrainedModel, model_args: ModelArguments, gradient_checkpointing: bool = False):
+    """Freeze / wrap the model for the recipe's ``finetune_mode``; returns the model to train."""
+    mode = model_args.finetune_mode
+    if mode == "expert_only":
+        model.freeze_vlm()
+    if mode not in ADAPTER_MODES:
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if mode == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    lora = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or model.lora_target_modules(),
+        init_lora_weights=True if model_args.lora_init_weights == "true" else model_args.lora_init_weights,
+    )
+    return get_peft_model(model, lora)

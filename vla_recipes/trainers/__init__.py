@@ -1,0 +1,1 @@
+"""Trainers: the shared ``VLATrainer`` and one subclass per model family."""
