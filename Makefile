@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(DEMO_DATA)/meta/info.json: | install
-	$(BIN)/python -m vla_recipes.data.synthetic --root $(DEMO_DATA) --num_episodes 24
+	$(BIN)/python -m vla_recipes.data.synthetic --root $(DEMO_DATA) --num_episodes 100
 
 # Tiny OpenVLA fine-tuned on the synthetic dataset, saved, reloaded with AutoModel, actions predicted.
 demo: install $(DEMO_DATA)/meta/info.json

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModel, AutoProcessor
 
 from vla_recipes.configs import DataArguments, RecipeError, parse_episodes
-from vla_recipes.data.lerobot import VLADataset, load_metadata
+from vla_recipes.data.lerobot import VLADataset, check_episodes, load_metadata
 from vla_recipes.data.normalize import select_stats
 from vla_recipes.families import get_family
 
@@ -31,7 +31,9 @@ def evaluate(model_path: str, data_args: DataArguments, episodes: list[int], bat
     model = AutoModel.from_pretrained(model_path).eval()
     processor = AutoProcessor.from_pretrained(model_path)
     family = get_family(model.config.model_type)
-    dataset = VLADataset(load_metadata(data_args), data_args, model.config.camera_keys, episodes)
+    meta = load_metadata(data_args)
+    check_episodes(meta, "episodes", episodes)
+    dataset = VLADataset(meta, data_args, model.config.camera_keys, episodes)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list)
     errors, targets, masks = [], [], []
     with torch.no_grad():
@@ -63,12 +65,14 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="Output folder or Hub id of a fine-tuned model.")
     parser.add_argument("--config", required=True, help="The recipe YAML (its dataset keys are used).")
     parser.add_argument("--episodes", default=None, help="Episodes to evaluate, e.g. '20:24' (default: eval_episodes).")
+    parser.add_argument("--dataset_root", default=None, help="Override the recipe's dataset_root.")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--output", default=None, help="JSON file for the results (default: <model>/open_loop_eval.json).")
     cli = parser.parse_args()
 
     recipe = yaml.safe_load(Path(cli.config).read_text())
     data_args = DataArguments(**{f.name: recipe[f.name] for f in fields(DataArguments) if f.name in recipe})
+    data_args.dataset_root = cli.dataset_root or data_args.dataset_root
     episodes = parse_episodes(cli.episodes or data_args.eval_episodes)
     if not episodes:
         raise RecipeError("no episodes to evaluate: set eval_episodes in the recipe or pass --episodes")

@@ -15,7 +15,7 @@ import transformers
 from transformers import set_seed
 
 from vla_recipes.hub import save_for_inference
-from vla_recipes.configs import RecipeError, parse_recipe
+from vla_recipes.configs import RecipeError, check_output_dir, parse_recipe
 from vla_recipes.data.lerobot import (
     VLADataset,
     dataset_norm_stats,
@@ -37,6 +37,7 @@ def main(args: list[str] | None = None) -> None:
     set_seed(training_args.seed)
 
     # Checks first: recipe, dataset features, statistics. Nothing heavy has been loaded yet.
+    check_output_dir(training_args)
     family = get_family(model_type_of(model_args))
     check_finetune_mode(model_args, family.supported_modes)
     meta = load_metadata(data_args)

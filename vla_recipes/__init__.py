@@ -3,6 +3,11 @@
 Importing the package registers its models with ``AutoConfig``, ``AutoModel`` and ``AutoProcessor``.
 """
 
-from vla_recipes.models import openvla  # noqa: F401  (registers the Auto classes)
+import logging
+
+# bitsandbytes' CPU backend asks at import for a Hub kernel package it never needs here: not a user's concern.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from vla_recipes.models import openvla  # noqa: E402, F401  (registers the Auto classes)
 
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ import difflib
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -124,6 +125,19 @@ class VLATrainingArguments(TrainingArguments):
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     report_to: str | list[str] = field(default="none", metadata={"help": "tensorboard, wandb, ... or none."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a non-empty output_dir that is not being resumed."}
+    )
+
+
+def check_output_dir(args: VLATrainingArguments) -> None:
+    """Refuse to write over a previous run's folder unless asked to (or resuming it)."""
+    out = Path(args.output_dir)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir and not args.resume_from_checkpoint:
+        raise RecipeError(
+            f"output_dir {str(out)!r} exists and is not empty; set overwrite_output_dir: true to replace it "
+            "or resume_from_checkpoint: true to continue it"
+        )
 
 
 def parse_episodes(spec: Sequence[str | int] | str | None) -> list[int] | None:

@@ -1,0 +1,104 @@
+"""``accelerate launch recipes/sft.py`` end to end, as a user runs it, and its reloadable output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = yaml.safe_load((ROOT / "recipes/demo/openvla.yaml").read_text())
+
+
+def write_recipe(tmp_path: Path, dataset_root: str, **overrides) -> Path:
+    recipe = {
+        **DEMO,
+        "dataset_root": dataset_root,
+        "train_episodes": ["0:5"],
+        "eval_episodes": ["5:6"],
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 60,
+        "per_device_train_batch_size": 8,
+        "logging_steps": 10,
+        "eval_steps": 30,
+        "dataloader_num_workers": 0,
+        **overrides,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def launch(recipe: Path, *extra: str, accelerate: bool = True) -> subprocess.CompletedProcess:
+    """Run the recipe as a user would; without ``accelerate`` the script's own stderr is all there is."""
+    launcher = ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs/single_gpu.yaml")]
+    command = [sys.executable, *(launcher if accelerate else []), str(ROOT / "recipes/sft.py"), "--config", str(recipe)]
+    command += extra
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+def logged(output_dir: Path, key: str) -> list[float]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [entry[key] for entry in history if key in entry]
+
+
+def test_sft_trains_saves_and_reloads(tmp_path, dataset_root):
+    import vla_recipes  # noqa: F401
+    from transformers import AutoModel, AutoProcessor
+
+    run = launch(write_recipe(tmp_path, dataset_root))
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "out"
+
+    losses, accuracy = logged(out, "loss"), logged(out, "action_accuracy")
+    assert len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert accuracy[-1] > 0.1 > 2 / 256, accuracy  # far above chance (1/256 per token)
+    assert "eval_action_accuracy" in json.loads((out / "eval_results.json").read_text())
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: robotics" in card and "local/synthetic_reach" in card
+
+    model = AutoModel.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert model.config.norm_stats["local/synthetic_reach"]["action"]["mask"] == [True] * 6 + [False]
+    assert model.config.camera_keys == ["observation.images.image"]
+    images = [torch.rand(3, 64, 64) for _ in range(3)]
+    tasks = ["move the gripper to the red cube", "go", "move the gripper to the red cube please"]
+    batched = model.predict_action(**processor(images=images, text=tasks))
+    assert batched.shape == (3, 1, 7)
+    one_by_one = torch.cat([model.predict_action(**processor(images=[i], text=[t])) for i, t in zip(images, tasks)])
+    torch.testing.assert_close(batched, one_by_one)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "extra", "message"),
+    [
+        ({"lerning_rate": 0.1}, [], "error: unknown recipe key in the recipe YAML: 'lerning_rate'"),
+        ({}, ["--camera_keys", "observation.images.top"], "camera_keys: 'observation.images.top' is not a camera"),
+        ({}, ["--state_key", "observation.joint_pos"], "state_key: 'observation.joint_pos' is not a feature"),
+        ({}, ["--finetune_mode", "expert_only"], "finetune_mode='expert_only' is not available for this model"),
+    ],
+)
+def test_bad_recipe_fails_fast_naming_the_culprit(tmp_path, dataset_root, overrides, extra, message):
+    run = launch(write_recipe(tmp_path, dataset_root, **overrides), *extra, accelerate=False)
+    assert run.returncode != 0
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr  # one clear line, not a stack trace
+    assert not (tmp_path / "out").exists()  # failed before any work
+
+
+def test_existing_output_dir_is_not_overwritten(tmp_path, dataset_root):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("a previous run")
+    run = launch(write_recipe(tmp_path, dataset_root), accelerate=False)
+    assert run.returncode != 0
+    assert "exists and is not empty; set overwrite_output_dir: true" in run.stderr
+    assert (out / "precious.txt").read_text() == "a previous run"
