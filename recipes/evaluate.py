@@ -67,7 +67,9 @@ def main() -> None:
     parser.add_argument("--episodes", default=None, help="Episodes to evaluate, e.g. '20:24' (default: eval_episodes).")
     parser.add_argument("--dataset_root", default=None, help="Override the recipe's dataset_root.")
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--output", default=None, help="JSON file for the results (default: <model>/open_loop_eval.json).")
+    parser.add_argument(
+        "--output", default=None, help="JSON file for the results (default: <model>/open_loop_eval.json)."
+    )
     cli = parser.parse_args()
 
     recipe = yaml.safe_load(Path(cli.config).read_text())

@@ -14,7 +14,6 @@ import sys
 import transformers
 from transformers import set_seed
 
-from vla_recipes.hub import save_for_inference
 from vla_recipes.configs import RecipeError, check_output_dir, parse_recipe
 from vla_recipes.data.lerobot import (
     VLADataset,
@@ -26,6 +25,7 @@ from vla_recipes.data.lerobot import (
 )
 from vla_recipes.families import get_family
 from vla_recipes.finetuning import ADAPTER_MODES, apply_finetune_mode, check_finetune_mode, load_model, model_type_of
+from vla_recipes.hub import save_for_inference
 
 logger = logging.getLogger("vla_recipes.sft")
 

@@ -42,8 +42,16 @@ def test_model_config_as_json_on_the_cli(recipe):
 @pytest.mark.parametrize(
     ("extra_yaml", "extra_cli", "message"),
     [
-        ("lerning_rate: 3\n", [], "unknown recipe key in the recipe YAML: 'lerning_rate' (did you mean 'learning_rate'?)"),
-        ("", ["--camera_key", "x"], "unknown recipe key in the command line: 'camera_key' (did you mean 'camera_keys'?)"),
+        (
+            "lerning_rate: 3\n",
+            [],
+            "unknown recipe key in the recipe YAML: 'lerning_rate' (did you mean 'learning_rate'?)",
+        ),
+        (
+            "",
+            ["--camera_key", "x"],
+            "unknown recipe key in the command line: 'camera_key' (did you mean 'camera_keys'?)",
+        ),
     ],
 )
 def test_unknown_key_is_named(tmp_path, extra_yaml, extra_cli, message):

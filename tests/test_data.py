@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import EPISODE_LENGTH, NUM_EPISODES
+
 from vla_recipes.configs import DataArguments, RecipeError
 from vla_recipes.data.lerobot import VLADataset, dataset_norm_stats, episode_split, load_metadata, resolve_camera_keys
 from vla_recipes.data.synthetic import ACTION_NAMES, STATE_NAMES

@@ -50,8 +50,9 @@ def logged(output_dir: Path, key: str) -> list[float]:
 
 
 def test_sft_trains_saves_and_reloads(tmp_path, dataset_root):
-    import vla_recipes  # noqa: F401
     from transformers import AutoModel, AutoProcessor
+
+    import vla_recipes  # noqa: F401
 
     run = launch(write_recipe(tmp_path, dataset_root))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -73,7 +74,8 @@ def test_sft_trains_saves_and_reloads(tmp_path, dataset_root):
     tasks = ["move the gripper to the red cube", "go", "move the gripper to the red cube please"]
     batched = model.predict_action(**processor(images=images, text=tasks))
     assert batched.shape == (3, 1, 7)
-    one_by_one = torch.cat([model.predict_action(**processor(images=[i], text=[t])) for i, t in zip(images, tasks)])
+    pairs = zip(images, tasks, strict=True)
+    one_by_one = torch.cat([model.predict_action(**processor(images=[i], text=[t])) for i, t in pairs])
     torch.testing.assert_close(batched, one_by_one)
 
 

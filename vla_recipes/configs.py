@@ -11,8 +11,8 @@ import difflib
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal
 
 from transformers import TrainingArguments
@@ -36,7 +36,9 @@ class ModelArguments:
     )
     model_config: dict | str | None = field(
         default=None,
-        metadata={"help": "Config fields of a randomly initialised model (a dict with `model_type`, or JSON on the CLI)."},
+        metadata={
+            "help": "Config fields of a randomly initialised model (a dict with `model_type`, or JSON on the CLI)."
+        },
     )
     tokenizer_name_or_path: str | None = field(
         default=None,

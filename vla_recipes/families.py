@@ -62,7 +62,7 @@ class OpenVLAFamily(Family):
             if tokenizer_name_or_path
             else build_llama_like_tokenizer(config.n_action_bins)
         )
-        return OpenVLAProcessor(image_processor=OpenVLAImageProcessor(image_size=config.image_size), tokenizer=tokenizer)
+        return OpenVLAProcessor(image_processor=OpenVLAImageProcessor.for_model(config), tokenizer=tokenizer)
 
     def configure(self, config, data_args, camera_keys, **fields) -> None:
         if len(camera_keys) != 1:

@@ -74,6 +74,17 @@ def load_model(model_args: ModelArguments, output_dir: str) -> PreTrainedModel:
     )
 
 
+def keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
+    """bitsandbytes (0.50) repacks 4-bit weights on CPU for an inference-only kernel the first time a layer runs
+    in eval mode; training after an evaluation then fails in that kernel. Training on CPU keeps the trainable
+    layout (GPUs are unaffected)."""
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def apply_finetune_mode(model: PreTrainedModel, model_args: ModelArguments, gradient_checkpointing: bool = False):
     """Freeze / wrap the model for the recipe's ``finetune_mode``; returns the model to train."""
     mode = model_args.finetune_mode
@@ -85,6 +96,7 @@ def apply_finetune_mode(model: PreTrainedModel, model_args: ModelArguments, grad
 
     if mode == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        keep_cpu_4bit_trainable(model)
     lora = LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,

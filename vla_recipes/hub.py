@@ -92,8 +92,11 @@ def model_card(trainer, model_args) -> str:
     if train_loss:
         lines.append(f"Training loss: {train_loss[0]:.4f} (first log) -> {train_loss[-1]:.4f} (last log).\n")
     if eval_metrics:
-        lines.append("## Evaluation\n\n" + "\n".join(f"- {k}: {v:.4f}" for k, v in eval_metrics.items()
-                                                       if isinstance(v, float)) + "\n")
+        lines.append(
+            "## Evaluation\n\n"
+            + "\n".join(f"- {k}: {v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float))
+            + "\n"
+        )
     return "\n".join(lines)
 
 
