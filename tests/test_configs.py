@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vla_recipes.configs import RecipeError, parse_episodes, parse_recipe
@@ -90,3 +92,12 @@ def test_parse_episodes(spec, expected):
 def test_bad_episode_spec_is_named():
     with pytest.raises(RecipeError, match="'a:b'"):
         parse_episodes(["a:b"])
+
+
+@pytest.mark.parametrize(
+    "path", sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml")), ids=Path
+)
+def test_every_shipped_recipe_parses(path):
+    """A typo in a shipped recipe is caught here, not on a user's GPU."""
+    model_args, data_args, training_args = parse_recipe(["--config", path, "--use_cpu", "true"])  # bf16 needs a GPU
+    assert data_args.dataset_repo_id and training_args.output_dir
