@@ -24,7 +24,7 @@ from vla_recipes.data.lerobot import (
     resolve_camera_keys,
 )
 from vla_recipes.families import get_family
-from vla_recipes.finetuning import ADAPTER_MODES, apply_finetune_mode, check_finetune_mode, load_model, model_type_of
+from vla_recipes.finetuning import ADAPTER_MODES, apply_finetune_mode, check_finetune_mode, load_config, load_model
 from vla_recipes.hub import save_for_inference
 
 logger = logging.getLogger("vla_recipes.sft")
@@ -38,24 +38,29 @@ def main(args: list[str] | None = None) -> None:
 
     # Checks first: recipe, dataset features, statistics. Nothing heavy has been loaded yet.
     check_output_dir(training_args)
-    family = get_family(model_type_of(model_args))
+    config = load_config(model_args)
+    family = get_family(config.model_type)
     check_finetune_mode(model_args, family.supported_modes)
     meta = load_metadata(data_args)
     camera_keys = resolve_camera_keys(meta, data_args)
     train_episodes, eval_episodes = episode_split(meta, data_args)
     action_dim = feature_dim(meta, data_args.action_key)
-    norm_mode = data_args.norm_mode or family.default_norm_mode
+    norm_mode = data_args.norm_mode or family.default_norm_mode(config)
     mask = data_args.action_norm_mask or (
         family.default_action_norm_mask(action_dim) if norm_mode == "bounds_q99" else None
     )
     norm_stats = dataset_norm_stats(meta, data_args, norm_mode, mask)
-
-    model = load_model(model_args, training_args.output_dir)
+    state_dim = feature_dim(meta, data_args.state_key) if data_args.state_key else None
     family.configure(
-        model.config, data_args, camera_keys, action_dim=action_dim, norm_mode=norm_mode, norm_stats=norm_stats
-    )
+        config, data_args, camera_keys, action_dim=action_dim, state_dim=state_dim, norm_mode=norm_mode,
+        norm_stats=norm_stats,
+    )  # fmt: skip
+
+    model = load_model(model_args, config, family.model_class, training_args.output_dir)
     processor = family.build_processor(model.config, model_args)
-    model = apply_finetune_mode(model, model_args, training_args.gradient_checkpointing)
+    model = apply_finetune_mode(
+        model, model_args, training_args.gradient_checkpointing, modules_to_save=family.modules_to_save(model)
+    )
     if model_args.finetune_mode in ADAPTER_MODES:
         model.print_trainable_parameters()
 

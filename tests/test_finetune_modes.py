@@ -11,7 +11,7 @@ import yaml
 from vla_recipes.configs import DataArguments, ModelArguments
 from vla_recipes.data.lerobot import VLADataset, dataset_norm_stats, load_metadata
 from vla_recipes.families import get_family
-from vla_recipes.finetuning import apply_finetune_mode, load_model
+from vla_recipes.finetuning import apply_finetune_mode, load_config, load_model
 
 DEMO = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes/demo/openvla.yaml").read_text())
 CAMERA = "observation.images.image"
@@ -30,9 +30,12 @@ def make(mode: str, tmp_path: Path, batch_and_stats):
     samples, stats = batch_and_stats
     model_args = ModelArguments(model_config=DEMO["model_config"], finetune_mode=mode, lora_r=4, lora_alpha=8)
     family = get_family("openvla")
-    model = load_model(model_args, str(tmp_path))
+    config = load_config(model_args)
     data_args = DataArguments(dataset_repo_id="local/synthetic_reach")
-    family.configure(model.config, data_args, [CAMERA], action_dim=7, norm_mode="bounds_q99", norm_stats=stats)
+    family.configure(
+        config, data_args, [CAMERA], action_dim=7, state_dim=8, norm_mode="bounds_q99", norm_stats=stats
+    )
+    model = load_model(model_args, config, family.model_class, str(tmp_path))
     processor = family.build_processor(model.config, model_args)
     targets = model.lora_target_modules()
     model = apply_finetune_mode(model, model_args)

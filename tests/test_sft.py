@@ -13,12 +13,13 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = yaml.safe_load((ROOT / "recipes/demo/openvla.yaml").read_text())
+DEMOS = {name: yaml.safe_load((ROOT / f"recipes/demo/{name}.yaml").read_text()) for name in ("openvla", "pi05")}
 
 
-def write_recipe(tmp_path: Path, dataset_root: str, **overrides) -> Path:
+def write_recipe(tmp_path: Path, dataset_root: str, demo: str = "openvla", **overrides) -> Path:
+    """The demo recipe of ``demo`` shrunk to the test datasets (6 episodes) and a few steps."""
     recipe = {
-        **DEMO,
+        **DEMOS[demo],
         "dataset_root": dataset_root,
         "train_episodes": ["0:5"],
         "eval_episodes": ["5:6"],
@@ -77,6 +78,46 @@ def test_sft_trains_saves_and_reloads(tmp_path, dataset_root):
     pairs = zip(images, tasks, strict=True)
     one_by_one = torch.cat([model.predict_action(**processor(images=[i], text=[t])) for i, t in pairs])
     torch.testing.assert_close(batched, one_by_one)
+
+
+def test_pi05_sft_trains_saves_and_reloads(tmp_path, two_camera_root):
+    import vla_recipes  # noqa: F401
+    from transformers import AutoModel, AutoProcessor
+
+    recipe = write_recipe(
+        tmp_path,
+        two_camera_root,
+        "pi05",
+        train_episodes=["0:3"],
+        eval_episodes=["3:4"],
+        max_steps=80,
+        learning_rate=1e-3,
+    )
+    run = launch(recipe)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "out"
+    losses = logged(out, "loss")  # the velocity MSE (noisy: a random t per sample) falls from its noise level
+    assert sum(losses[-2:]) < 0.75 * sum(losses[:2]), losses
+
+    model = AutoModel.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert model.config.camera_keys == ["observation.images.image", "observation.images.wrist_image"]
+    assert model.config.norm_mode == "quantiles" and model.config.action_horizon == 10
+    images = [[torch.rand(3, 64, 64), torch.rand(3, 64, 64)] for _ in range(3)]
+    tasks = ["move the gripper to the red cube"] * 3
+    state = torch.rand(3, 8)
+    noise = torch.randn(3, 10, model.config.max_action_dim)
+    batched = model.predict_action(**processor(images=images, text=tasks, state=state), noise=noise)
+    assert batched.shape == (3, 10, 7)
+    one_by_one = torch.cat(
+        [
+            model.predict_action(
+                **processor(images=[images[i]], text=[tasks[i]], state=state[i : i + 1]), noise=noise[i : i + 1]
+            )
+            for i in range(3)
+        ]
+    )
+    torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ family means adding one class here; the training script does not change.
 
 from __future__ import annotations
 
-from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig
+import torch
+from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.utils import PROCESSOR_NAME, cached_file
 
 from vla_recipes.configs import DataArguments, ModelArguments, RecipeError
 from vla_recipes.trainers.base import VLATrainer
@@ -16,9 +18,19 @@ from vla_recipes.trainers.base import VLATrainer
 class Family:
     model_type: str
     supported_modes: tuple[str, ...] = ("full", "lora", "qlora")
-    default_norm_mode: str
+
+    @property
+    def model_class(self) -> type[PreTrainedModel]:
+        raise NotImplementedError
+
+    def default_norm_mode(self, config: PretrainedConfig) -> str:
+        raise NotImplementedError
 
     def default_action_norm_mask(self, action_dim: int) -> list[bool] | None:
+        return None
+
+    def modules_to_save(self, model: PreTrainedModel) -> list[str] | None:
+        """Modules trained in full next to LoRA adapters (new heads a LoRA cannot express)."""
         return None
 
     def build_processor(self, config: PretrainedConfig, model_args: ModelArguments):
@@ -32,10 +44,20 @@ class Family:
     def new_processor(self, config: PretrainedConfig, tokenizer_name_or_path: str | None):
         raise NotImplementedError
 
-    def configure(self, config: PretrainedConfig, data_args: DataArguments, camera_keys: list[str], **fields) -> None:
+    def configure(
+        self,
+        config: PretrainedConfig,
+        data_args: DataArguments,
+        camera_keys: list[str],
+        *,
+        action_dim: int,
+        state_dim: int | None,
+        norm_mode: str,
+        norm_stats: dict,
+    ) -> None:
         """Write what the model must remember about the data into its config (saved with the weights)."""
-        for key, value in dict(camera_keys=camera_keys, action_horizon=data_args.action_horizon, **fields).items():
-            setattr(config, key, value)
+        config.camera_keys, config.action_horizon, config.action_dim = camera_keys, data_args.action_horizon, action_dim
+        config.norm_mode, config.norm_stats = norm_mode, norm_stats
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
         raise NotImplementedError
@@ -47,7 +69,15 @@ class Family:
 
 class OpenVLAFamily(Family):
     model_type = "openvla"
-    default_norm_mode = "bounds_q99"
+
+    @property
+    def model_class(self) -> type[PreTrainedModel]:
+        from vla_recipes.models.openvla import OpenVLAForActionPrediction
+
+        return OpenVLAForActionPrediction
+
+    def default_norm_mode(self, config: PretrainedConfig) -> str:
+        return "bounds_q99"
 
     def default_action_norm_mask(self, action_dim: int) -> list[bool]:
         """OpenVLA's EEF_POS mask: every dim but the last (the gripper) is normalised."""
@@ -65,6 +95,7 @@ class OpenVLAFamily(Family):
         return OpenVLAProcessor(image_processor=OpenVLAImageProcessor.for_model(config), tokenizer=tokenizer)
 
     def configure(self, config, data_args, camera_keys, **fields) -> None:
+        """OpenVLA sees one image and no state."""
         if len(camera_keys) != 1:
             raise RecipeError(f"OpenVLA sees one camera; camera_keys has {len(camera_keys)}: {camera_keys}")
         super().configure(config, data_args, camera_keys, **fields)
@@ -103,7 +134,86 @@ class OpenVLAFamily(Family):
         )
 
 
-FAMILIES: dict[str, Family] = {family.model_type: family for family in (OpenVLAFamily(),)}
+class Pi05Family(Family):
+    """pi0.5 and pi0 (``config.pi05`` False): flow matching on action chunks, several cameras."""
+
+    model_type = "pi05"
+    supported_modes = ("full", "expert_only", "lora", "qlora")
+    # LeRobot folders (lerobot/pi05_base) carry no tokenizer: theirs is PaliGemma's.
+    default_tokenizer = "google/paligemma-3b-pt-224"
+
+    @property
+    def model_class(self) -> type[PreTrainedModel]:
+        from vla_recipes.models.pi05 import Pi05ForActionPrediction
+
+        return Pi05ForActionPrediction
+
+    def default_norm_mode(self, config: PretrainedConfig) -> str:
+        return "quantiles" if config.pi05 else "mean_std"
+
+    def modules_to_save(self, model: PreTrainedModel) -> list[str]:
+        return model.action_head_modules()
+
+    def configure(self, config, data_args, camera_keys, **fields) -> None:
+        """Real action / state dims must fit the model's padded ones; pi0.5 needs a state for its prompt."""
+        for name, key, limit in (
+            ("action", data_args.action_key, "max_action_dim"),
+            ("state", data_args.state_key, "max_state_dim"),
+        ):
+            dim = fields[f"{name}_dim"]
+            if dim is None:
+                raise RecipeError("pi0.5 / pi0 need a robot state: set state_key (the dataset's state feature)")
+            if dim > getattr(config, limit):
+                raise RecipeError(
+                    f"the dataset's {key!r} has {dim} dims, more than the model's {limit}={getattr(config, limit)}"
+                )
+        config.state_dim = fields["state_dim"]
+        super().configure(config, data_args, camera_keys, **fields)
+
+    def build_processor(self, config, model_args):
+        """A saved processor when the model folder has one (ours); else one built for the config (LeRobot folders)."""
+        path = model_args.model_name_or_path
+        has_processor = path is not None and cached_file(
+            path, PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False
+        )
+        if has_processor:
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+            processor.norm_stats, processor.norm_mode = config.norm_stats, config.norm_mode
+            processor.image_processor.camera_keys = list(config.camera_keys)
+            return processor
+        tokenizer = model_args.tokenizer_name_or_path or (self.default_tokenizer if path is not None else None)
+        return self.new_processor(config, tokenizer)
+
+    def new_processor(self, config, tokenizer_name_or_path):
+        from vla_recipes.models.char_tokenizer import build_gemma_like_tokenizer
+        from vla_recipes.models.pi05 import Pi05Processor
+
+        tokenizer = (
+            AutoTokenizer.from_pretrained(tokenizer_name_or_path)
+            if tokenizer_name_or_path
+            else build_gemma_like_tokenizer()
+        )
+        return Pi05Processor.from_model_config(config, tokenizer)
+
+    def inference_inputs(self, processor, samples: list[dict]) -> dict:
+        state = torch.stack([s["state"] for s in samples])
+        return processor(images=[s["images"] for s in samples], text=[s["task"] for s in samples], state=state)
+
+    def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
+        from vla_recipes.data.collators import FlowMatchingDataCollator
+        from vla_recipes.trainers.flow_matching import FlowMatchingTrainer
+
+        return FlowMatchingTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=FlowMatchingDataCollator(processor),
+            processing_class=processor,
+        )
+
+
+FAMILIES: dict[str, Family] = {family.model_type: family for family in (OpenVLAFamily(), Pi05Family())}
 
 
 def get_family(model_type: str) -> Family:

@@ -9,22 +9,34 @@ quantises openvla/openvla-7b).
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoConfig, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
+from transformers.utils import CONFIG_NAME, cached_file
 
 from vla_recipes.configs import ModelArguments, RecipeError
+from vla_recipes.models.pi05 import Pi05Config
 
 ADAPTER_MODES = ("lora", "qlora")
+# LeRobot policy folders (``config.json`` with ``type``) this package reads, by that type.
+LEROBOT_POLICY_TYPES: dict[str, type[PretrainedConfig]] = {"pi05": Pi05Config, "pi0": Pi05Config}
 
 
-def model_type_of(model_args: ModelArguments) -> str:
-    """The family (``config.model_type``) a recipe trains, read without loading weights."""
+def load_config(model_args: ModelArguments) -> PretrainedConfig:
+    """The model's config, read without loading weights: from ``model_config``, a transformers folder, or a
+    LeRobot policy folder (``"type": "pi05"``, as lerobot/pi05_base is laid out), which AutoConfig cannot read."""
     if model_args.model_config is not None:
-        return model_args.model_config["model_type"]
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
-    return config.model_type
+        return AutoConfig.for_model(**model_args.model_config)
+    path = model_args.model_name_or_path
+    config_file = cached_file(path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False)
+    if config_file is None:
+        raise RecipeError(f"model_name_or_path={path!r} has no {CONFIG_NAME}: not a model folder or Hub model id")
+    raw = json.loads(Path(config_file).read_text())
+    if "model_type" not in raw and raw.get("type") in LEROBOT_POLICY_TYPES:
+        return LEROBOT_POLICY_TYPES[raw["type"]].from_pretrained(path)
+    return AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
 
 
 def check_finetune_mode(model_args: ModelArguments, supported_modes: tuple[str, ...]) -> None:
@@ -55,18 +67,21 @@ def quantization_config(model_args: ModelArguments) -> BitsAndBytesConfig | None
     )
 
 
-def load_model(model_args: ModelArguments, output_dir: str) -> PreTrainedModel:
+def load_model(
+    model_args: ModelArguments, config: PretrainedConfig, model_class: type[PreTrainedModel], output_dir: str
+) -> PreTrainedModel:
     """The model to fine-tune, before any adapter is added."""
     path = model_args.model_name_or_path
     if model_args.model_config is not None:
-        model = AutoModel.from_config(AutoConfig.for_model(**model_args.model_config))
+        model = model_class(config)
         if model_args.finetune_mode not in ADAPTER_MODES:
             return model.to(torch_dtype(model_args)) if isinstance(torch_dtype(model_args), torch.dtype) else model
         path = str(Path(output_dir).resolve() / "base_model")
         model.save_pretrained(path)
     kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
-    return AutoModel.from_pretrained(
+    return model_class.from_pretrained(
         path,
+        config=config,
         dtype=torch_dtype(model_args),
         quantization_config=quantization_config(model_args),
         trust_remote_code=model_args.trust_remote_code,
@@ -85,7 +100,12 @@ def keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def apply_finetune_mode(model: PreTrainedModel, model_args: ModelArguments, gradient_checkpointing: bool = False):
+def apply_finetune_mode(
+    model: PreTrainedModel,
+    model_args: ModelArguments,
+    gradient_checkpointing: bool = False,
+    modules_to_save: list[str] | None = None,
+):
     """Freeze / wrap the model for the recipe's ``finetune_mode``; returns the model to train."""
     mode = model_args.finetune_mode
     if mode == "expert_only":
@@ -103,5 +123,6 @@ def apply_finetune_mode(model: PreTrainedModel, model_args: ModelArguments, grad
         lora_dropout=model_args.lora_dropout,
         target_modules=model_args.lora_target_modules or model.lora_target_modules(),
         init_lora_weights=True if model_args.lora_init_weights == "true" else model_args.lora_init_weights,
+        modules_to_save=modules_to_save,
     )
     return get_peft_model(model, lora)
