@@ -4,9 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DATA ?= data/synthetic_reach
 DEMO_OUT ?= outputs/demo-openvla
+DEMO_PI05_OUT ?= outputs/demo-pi05
 ACCELERATE := $(BIN)/accelerate launch --config_file accelerate_configs/single_gpu.yaml
 
-.PHONY: install demo test test-slow lint format clean
+.PHONY: install demo demo-pi05 test test-slow lint format clean
 
 install: $(VENV)/.installed
 
@@ -17,12 +18,18 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(DEMO_DATA)/meta/info.json: | install
-	$(BIN)/python -m vla_recipes.data.synthetic --root $(DEMO_DATA) --num_episodes 100
+	$(BIN)/python -m vla_recipes.data.synthetic --root $(DEMO_DATA) --num_episodes 100 \
+		--cameras observation.images.image observation.images.wrist_image
 
 # Tiny OpenVLA fine-tuned on the synthetic dataset, saved, reloaded with AutoModel, actions predicted.
 demo: install $(DEMO_DATA)/meta/info.json
 	$(ACCELERATE) recipes/sft.py --config recipes/demo/openvla.yaml --output_dir $(DEMO_OUT) --overwrite_output_dir true
 	$(BIN)/python recipes/evaluate.py --model $(DEMO_OUT) --config recipes/demo/openvla.yaml
+
+# The same with a tiny pi0.5 (flow matching, two cameras, action chunks of 10).
+demo-pi05: install $(DEMO_DATA)/meta/info.json
+	$(ACCELERATE) recipes/sft.py --config recipes/demo/pi05.yaml --output_dir $(DEMO_PI05_OUT) --overwrite_output_dir true
+	$(BIN)/python recipes/evaluate.py --model $(DEMO_PI05_OUT) --config recipes/demo/pi05.yaml
 
 test: install
 	$(BIN)/python -m pytest -q
