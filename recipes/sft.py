@@ -23,6 +23,7 @@ from vla_recipes.data.lerobot import (
     load_metadata,
     resolve_camera_keys,
 )
+from vla_recipes.distributed import end_training
 from vla_recipes.families import get_family
 from vla_recipes.finetuning import ADAPTER_MODES, apply_finetune_mode, check_finetune_mode, load_config, load_model
 from vla_recipes.hub import save_for_inference
@@ -89,6 +90,7 @@ def main(args: list[str] | None = None) -> None:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     save_for_inference(trainer, model_args)
+    end_training(trainer)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli import ROOT, accelerate_launch, run
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMOS = {name: yaml.safe_load((ROOT / f"recipes/demo/{name}.yaml").read_text()) for name in ("openvla", "pi05")}
 
 
@@ -38,11 +37,9 @@ def write_recipe(tmp_path: Path, dataset_root: str, demo: str = "openvla", **ove
 
 def launch(recipe: Path, *extra: str, accelerate: bool = True) -> subprocess.CompletedProcess:
     """Run the recipe as a user would; without ``accelerate`` the script's own stderr is all there is."""
-    launcher = ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs/single_gpu.yaml")]
-    command = [sys.executable, *(launcher if accelerate else []), str(ROOT / "recipes/sft.py"), "--config", str(recipe)]
-    command += extra
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    if accelerate:
+        return accelerate_launch("recipes/sft.py", "--config", str(recipe), *extra)
+    return run([sys.executable, str(ROOT / "recipes/sft.py"), "--config", str(recipe), *extra])
 
 
 def logged(output_dir: Path, key: str) -> list[float]:
@@ -81,8 +78,9 @@ def test_sft_trains_saves_and_reloads(tmp_path, dataset_root):
 
 
 def test_pi05_sft_trains_saves_and_reloads(tmp_path, two_camera_root):
-    import vla_recipes  # noqa: F401
     from transformers import AutoModel, AutoProcessor
+
+    import vla_recipes  # noqa: F401
 
     recipe = write_recipe(
         tmp_path,

@@ -3,8 +3,9 @@
 Such a folder holds the adapter (``adapter_config.json`` naming the base model, adapter weights) and a
 ``config.json`` with the fine-tune's ``norm_stats``, but no base weights. transformers would use the
 base's config (the base's statistics) or look for weights in the folder; here the base weights come
-from ``base_model_name_or_path``, the config from the folder, and the adapter is merged in (PEFT), giving a plain model of the class for
-inference. Keep training an adapter with ``peft.PeftModel.from_pretrained(base, folder, is_trainable=True)`` instead.
+from ``base_model_name_or_path``, the config from the folder, and the adapter is merged in (PEFT),
+giving a plain model of the class for inference. Keep training an adapter with
+``peft.PeftModel.from_pretrained(base, folder, is_trainable=True)`` instead.
 """
 
 from __future__ import annotations
