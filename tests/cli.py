@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -30,24 +33,52 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def run(command: list[str], *, timeout: float = 600, env: dict | None = None, cwd: Path = ROOT):
-    """``subprocess.run(capture_output=True, text=True)`` that kills the tree on timeout and says so."""
+def run(
+    command: list[str],
+    *,
+    timeout: float = 600,
+    env: dict | None = None,
+    cwd: Path = ROOT,
+    until: Callable[[], bool] | None = None,
+):
+    """``subprocess.run(capture_output=True, text=True)`` that kills the tree on timeout and says so.
+
+    ``until``: polled while the command runs; once it returns true the whole tree is SIGKILLed (a preemption)
+    and the result has returncode -9.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    deadline, killed = time.monotonic() + timeout, False
+    while True:
+        try:  # a retried communicate() loses no output
+            stdout, stderr = proc.communicate(timeout=0.02 if until else timeout)
+            break
+        except subprocess.TimeoutExpired:
+            if until is not None and until():
+                kill_tree(proc.pid)  # reaps it: proc.returncode would read 0
+                stdout, stderr = proc.communicate(timeout=30)
+                killed = True
+                break
+            if time.monotonic() < deadline:
+                continue
         kill_tree(proc.pid)
         stdout, stderr = proc.communicate(timeout=30)
         raise AssertionError(
             f"timed out after {timeout:.0f} s: {' '.join(command)}\n--- stdout ---\n{stdout[-4000:]}"
             f"\n--- stderr ---\n{stderr[-4000:]}"
         ) from None
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(command, -9 if killed else proc.returncode, stdout, stderr)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on: concurrent 2-process runs must not share accelerate's default 29500."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def accelerate_launch(script: str, *args: str, config: str = "single_gpu.yaml", **kwargs):
-    """``accelerate launch --config_file accelerate_configs/<config> <script> <args>``."""
+    """``accelerate launch --config_file accelerate_configs/<config> <script> <args>`` on a free port."""
     launcher = [
         sys.executable,
         "-m",
@@ -55,4 +86,7 @@ def accelerate_launch(script: str, *args: str, config: str = "single_gpu.yaml", 
         "--config_file",
         str(ROOT / "accelerate_configs" / config),
     ]
+    launcher += ["--main_process_port", str(free_port())]
+    if config == "multi_cpu.yaml":  # accelerate's multi-process launcher does not pass the config's use_cpu on
+        kwargs["env"] = {"ACCELERATE_USE_CPU": "1", **kwargs.get("env", {})}
     return run([*launcher, str(ROOT / script), *args], **kwargs)
