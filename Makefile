@@ -7,7 +7,7 @@ DEMO_OUT ?= outputs/demo-openvla
 DEMO_PI05_OUT ?= outputs/demo-pi05
 ACCELERATE := $(BIN)/accelerate launch --config_file accelerate_configs/single_gpu.yaml
 
-.PHONY: install demo demo-pi05 test test-slow lint format clean
+.PHONY: install demo demo-pi05 test test-slow bench lint format clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: no slow test collected
+
+# CPU benchmarks against the peers, each printing its ratios (process CPU time on BENCH_THREADS threads, default 1);
+# the recorded figures are in benchmarks/RESULTS.md.
+bench: install
+	@for script in benchmarks/[!_]*.py; do \
+		echo "== $$script"; BENCH_THREADS=$${BENCH_THREADS:-1} $(BIN)/python $$script || exit 1; \
+	done
 
 lint: install
 	$(BIN)/ruff check .

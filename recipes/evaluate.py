@@ -1,11 +1,18 @@
 """Open-loop evaluation of a saved policy on held-out episodes of its LeRobot dataset.
 
     python recipes/evaluate.py --model outputs/demo-openvla --config recipes/demo/openvla.yaml
+    python recipes/evaluate.py --model me/openvla-libero --dataset_repo_id lerobot/libero_spatial_image \
+        --episodes 400:432 --output_dir outputs/eval/openvla-libero
 
-Reloads the model and processor with ``AutoModel`` / ``AutoProcessor``, predicts every frame's
-action chunk with batched ``predict_action`` and compares it with the recorded actions in the
-dataset's units: per-dimension and mean L1 / MSE (steps padded past an episode's end excluded).
-The episodes are the recipe's ``eval_episodes`` (or ``--episodes``).
+Reloads the model and processor with ``AutoModel`` / ``AutoProcessor``, predicts every frame's action chunk
+with the batched ``predict_action`` a user calls, and compares it with the recorded actions in the dataset's
+units (chunk steps past an episode's end left out): per-dimension, per-step and mean L1 / MSE, and for OpenVLA
+the action-token accuracy. The dataset keys come from the recipe (``--config``) and/or the command line (any
+``DataArguments`` field, CLI first); the episodes are ``--episodes`` or the recipe's ``eval_episodes``.
+
+Writes ``open_loop_*`` keys into ``<output_dir>/eval_results.json`` (next to the trainer's ``eval_*`` ones),
+PNG plots of a few episodes into ``<output_dir>/plots/``, and the metrics into the model card
+(``README.md``: ``model-index`` and an "Open-loop evaluation" section; a re-run replaces them).
 """
 
 from __future__ import annotations
@@ -16,77 +23,95 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+# ruff: noqa: E402
+# Run as a script, this file's folder heads sys.path, where this file would shadow the `evaluate` library.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import torch
 import yaml
-from torch.utils.data import DataLoader
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModel, AutoProcessor, HfArgumentParser
 
 from vla_recipes.configs import DataArguments, RecipeError, parse_episodes
+from vla_recipes.data.frame_cache import frame_resize_for
 from vla_recipes.data.lerobot import VLADataset, check_episodes, load_metadata
-from vla_recipes.data.normalize import select_stats
-from vla_recipes.families import get_family
+from vla_recipes.evaluation import OPEN_LOOP_TASK, open_loop_metrics, plot_episodes, predict_open_loop
+from vla_recipes.hub import add_card_results
+
+PREFIX = "open_loop_"
 
 
-def evaluate(model_path: str, data_args: DataArguments, episodes: list[int], batch_size: int = 16) -> dict:
-    model = AutoModel.from_pretrained(model_path).eval()
-    processor = AutoProcessor.from_pretrained(model_path)
-    family = get_family(model.config.model_type)
-    meta = load_metadata(data_args)
-    check_episodes(meta, "episodes", episodes)
-    dataset = VLADataset(meta, data_args, model.config.camera_keys, episodes)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list)
-    errors, targets, masks = [], [], []
-    with torch.no_grad():
-        for samples in loader:
-            predicted = model.predict_action(**family.inference_inputs(processor, samples))
-            target = torch.stack([s["actions"] for s in samples])
-            errors.append(predicted.float() - target.float())
-            targets.append(target.float())
-            masks.append(~torch.stack([s["action_is_pad"] for s in samples]))
-    error, mask = torch.cat(errors), torch.cat(masks)
-    valid = error[mask]  # (N, action_dim): every predicted step that has a recorded action
-    l1, mse = valid.abs().mean(0), valid.pow(2).mean(0)
-    # Reference point: always predicting the training set's mean action.
-    mean_action = torch.tensor(select_stats(model.config.norm_stats, None)["action"]["mean"])
-    targets = torch.cat(targets)[mask]
-    return {
-        "baseline_mean_action_l1": (targets - mean_action).abs().mean().item(),
-        "num_samples": len(dataset),
-        "episodes": episodes,
-        "l1": l1.mean().item(),
-        "mse": mse.mean().item(),
-        "l1_per_dim": l1.tolist(),
-        "mse_per_dim": mse.tolist(),
-    }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(args: list[str] | None = None):
+    """Our flags plus every ``DataArguments`` field; the recipe's values are the defaults (CLI > YAML)."""
+    parser = HfArgumentParser(DataArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Output folder or Hub id of a fine-tuned model.")
-    parser.add_argument("--config", required=True, help="The recipe YAML (its dataset keys are used).")
-    parser.add_argument("--episodes", default=None, help="Episodes to evaluate, e.g. '20:24' (default: eval_episodes).")
-    parser.add_argument("--dataset_root", default=None, help="Override the recipe's dataset_root.")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--config", default=None, help="A recipe YAML: its dataset keys are the defaults.")
     parser.add_argument(
-        "--output", default=None, help="JSON file for the results (default: <model>/open_loop_eval.json)."
+        "--episodes", default=None, help="Episodes to evaluate, e.g. '20:24,30' (default: eval_episodes)."
     )
-    cli = parser.parse_args()
+    parser.add_argument("--output_dir", default=None, help="Where results go (default: --model when it is a folder).")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader workers decoding the frames.")
+    parser.add_argument("--plot_episodes", type=int, default=3, help="How many of the episodes to plot.")
+    parser.add_argument("--plot_dims", type=int, default=8, help="Plot the first N action dimensions.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    argv = sys.argv[1:] if args is None else args
+    if "--config" in argv:
+        path = Path(argv[argv.index("--config") + 1])
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} cannot be read")
+        recipe = yaml.safe_load(path.read_text()) or {}
+        parser.set_defaults(**{f.name: recipe[f.name] for f in fields(DataArguments) if f.name in recipe})
+    data_args, cli = parser.parse_args_into_dataclasses(argv)
+    return data_args, cli
 
-    recipe = yaml.safe_load(Path(cli.config).read_text())
-    data_args = DataArguments(**{f.name: recipe[f.name] for f in fields(DataArguments) if f.name in recipe})
-    data_args.dataset_root = cli.dataset_root or data_args.dataset_root
+
+def main(args: list[str] | None = None) -> dict:
+    data_args, cli = parse_args(args)
     episodes = parse_episodes(cli.episodes or data_args.eval_episodes)
     if not episodes:
-        raise RecipeError("no episodes to evaluate: set eval_episodes in the recipe or pass --episodes")
-    results = evaluate(cli.model, data_args, episodes, cli.batch_size)
-    print(f"open-loop on {results['num_samples']} frames of episodes {cli.episodes or data_args.eval_episodes}:")
+        raise RecipeError("no episodes to evaluate: pass --episodes (e.g. 40:50) or set eval_episodes in the recipe")
+    meta = load_metadata(data_args)
+    check_episodes(meta, "--episodes" if cli.episodes else "eval_episodes", episodes)
+    out = Path(cli.output_dir or (cli.model if Path(cli.model).is_dir() else f"outputs/eval/{Path(cli.model).name}"))
+
+    model = AutoModel.from_pretrained(cli.model).to(cli.device).eval()
+    processor = AutoProcessor.from_pretrained(cli.model)
+    missing = [k for k in model.config.camera_keys if k not in meta.camera_keys]
+    if missing:
+        raise RecipeError(
+            f"the model's camera_keys {missing} are not cameras of the dataset; it has {meta.camera_keys}"
+        )
+    data_args.action_horizon = model.config.action_horizon  # compare whole predicted chunks
+    data_args.state_indices = getattr(model.config, "state_indices", data_args.state_indices)  # the state it saw
+    dataset = VLADataset(
+        meta, data_args, list(model.config.camera_keys), episodes, frame_resize=frame_resize_for(model.config)
+    )
+
+    predictions = predict_open_loop(model, processor, dataset, cli.batch_size, cli.num_workers)
+    results = open_loop_metrics(model, processor, predictions)
+    dims = list(range(min(cli.plot_dims, predictions.predicted.shape[-1])))
+    plots = plot_episodes(predictions, out / "plots", results["episodes"][: cli.plot_episodes], dims)
+
+    path = out / "eval_results.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    merged = {k: v for k, v in previous.items() if not k.startswith(PREFIX)} | {
+        PREFIX + k: v for k, v in results.items()
+    }
+    path.write_text(json.dumps(merged, indent=2))
+    scalars = {PREFIX + k: v for k, v in results.items() if isinstance(v, float)}
+    add_card_results(
+        out, scalars, task=OPEN_LOOP_TASK, dataset=data_args.dataset_repo_id, section="Open-loop evaluation"
+    )
+
+    print(f"open-loop on {results['num_frames']} frames of episodes {cli.episodes or data_args.eval_episodes}:")
     print(f"  L1  {results['l1']:.4f}  per dim {[round(v, 4) for v in results['l1_per_dim']]}")
     print(f"  MSE {results['mse']:.5f}  per dim {[round(v, 5) for v in results['mse_per_dim']]}")
-    print(f"  (always predicting the mean training action: L1 {results['baseline_mean_action_l1']:.4f})")
-    output = Path(cli.output) if cli.output else Path(cli.model) / "open_loop_eval.json"
-    if output.parent.is_dir():
-        output.write_text(json.dumps(results, indent=2))
-        print(f"wrote {output}")
+    if "action_token_accuracy" in results:
+        print(f"  action-token accuracy {results['action_token_accuracy']:.3f} (chance 1/{model.config.n_action_bins})")
+    if "baseline_mean_action_l1" in results:
+        print(f"  (always predicting the mean training action: L1 {results['baseline_mean_action_l1']:.4f})")
+    print(f"wrote {path}, {len(plots)} plots in {out / 'plots'}, metrics in {out / 'README.md'}")
+    return results
 
 
 if __name__ == "__main__":

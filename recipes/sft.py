@@ -14,19 +14,24 @@ import sys
 import transformers
 from transformers import set_seed
 
+from vla_recipes.checkpointing import resolve_resume
 from vla_recipes.configs import RecipeError, check_output_dir, parse_recipe
+from vla_recipes.data.frame_cache import frame_resize_for
 from vla_recipes.data.lerobot import (
     VLADataset,
+    check_episode_data,
+    check_videos,
     dataset_norm_stats,
     episode_split,
     feature_dim,
     load_metadata,
     resolve_camera_keys,
 )
-from vla_recipes.distributed import end_training
+from vla_recipes.data.state_selection import state_selection
+from vla_recipes.distributed import check_strategy, end_training, save_full_weights, use_fsdp_blocks
 from vla_recipes.families import get_family
 from vla_recipes.finetuning import ADAPTER_MODES, apply_finetune_mode, check_finetune_mode, load_config, load_model
-from vla_recipes.hub import save_for_inference
+from vla_recipes.hub import check_push_to_hub, save_for_inference
 
 logger = logging.getLogger("vla_recipes.sft")
 
@@ -39,24 +44,30 @@ def main(args: list[str] | None = None) -> None:
 
     # Checks first: recipe, dataset features, statistics. Nothing heavy has been loaded yet.
     check_output_dir(training_args)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     config = load_config(model_args)
     family = get_family(config.model_type)
     check_finetune_mode(model_args, family.supported_modes)
+    check_strategy(model_args, training_args)  # what the accelerate config (DDP / FSDP / ZeRO) cannot run
     meta = load_metadata(data_args)
     camera_keys = resolve_camera_keys(meta, data_args)
+    state_indices = state_selection(meta, data_args)  # the state dims the model sees (None: every dim)
     train_episodes, eval_episodes = episode_split(meta, data_args)
+    check_episode_data(meta, data_args, train_episodes + (eval_episodes or []))  # chunk length, NaN/inf
+    check_videos(meta, camera_keys, train_episodes + (eval_episodes or []))  # unreadable or truncated files
     action_dim = feature_dim(meta, data_args.action_key)
     norm_mode = data_args.norm_mode or family.default_norm_mode(config)
     mask = data_args.action_norm_mask or (
         family.default_action_norm_mask(action_dim) if norm_mode == "bounds_q99" else None
     )
-    norm_stats = dataset_norm_stats(meta, data_args, norm_mode, mask)
+    norm_stats = dataset_norm_stats(meta, data_args, norm_mode, mask, train_episodes)
     state_dim = feature_dim(meta, data_args.state_key) if data_args.state_key else None
     family.configure(
-        config, data_args, camera_keys, action_dim=action_dim, state_dim=state_dim, norm_mode=norm_mode,
-        norm_stats=norm_stats,
+        config, data_args, camera_keys, action_dim=action_dim, norm_mode=norm_mode, norm_stats=norm_stats,
+        state_dim=len(state_indices) if state_indices is not None else state_dim, state_indices=state_indices,
     )  # fmt: skip
 
+    check_push_to_hub(training_args)  # a run that cannot push fails now, not after training
     model = load_model(model_args, config, family.model_class, training_args.output_dir)
     processor = family.build_processor(model.config, model_args)
     model = apply_finetune_mode(
@@ -65,13 +76,25 @@ def main(args: list[str] | None = None) -> None:
     if model_args.finetune_mode in ADAPTER_MODES:
         model.print_trainable_parameters()
 
+    frame_resize = frame_resize_for(config)  # the processor's first step, done once in the frame cache
     trainer = family.make_trainer(
         model=model,
         args=training_args,
         processor=processor,
-        train_dataset=VLADataset(meta, data_args, camera_keys, train_episodes, augment=data_args.image_augmentation),
-        eval_dataset=VLADataset(meta, data_args, camera_keys, eval_episodes) if eval_episodes else None,
+        train_dataset=VLADataset(
+            meta,
+            data_args,
+            camera_keys,
+            train_episodes,
+            augment=data_args.image_augmentation,
+            seed=training_args.seed,
+            frame_resize=frame_resize,
+        ),
+        eval_dataset=VLADataset(meta, data_args, camera_keys, eval_episodes, frame_resize=frame_resize)
+        if eval_episodes
+        else None,
     )
+    use_fsdp_blocks(trainer, model)
     logger.info(
         "training %s (%s) on %s: %d train / %d eval episodes, norm_mode=%s",
         family.model_type,
@@ -81,7 +104,7 @@ def main(args: list[str] | None = None) -> None:
         len(eval_episodes or []),
         norm_mode,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
@@ -89,6 +112,7 @@ def main(args: list[str] | None = None) -> None:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    save_full_weights(trainer)
     save_for_inference(trainer, model_args)
     end_training(trainer)
 

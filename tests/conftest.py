@@ -9,6 +9,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory) -> None:
+    """Frame and statistics caches go to the session's temp folder, not the user's ~/.cache."""
+    os.environ.setdefault("VLA_RECIPES_CACHE", str(tmp_path_factory.mktemp("vla_recipes_cache")))
+
+
 NUM_EPISODES = 6
 EPISODE_LENGTH = 16
 

@@ -7,13 +7,19 @@ ignores ``action_is_pad``). Run with ``-s`` to see the measured differences.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from lerobot_pi05_reference import TINY_SIZES, build_reference
 
+from vla_recipes.configs import ModelArguments
+from vla_recipes.families import get_family
+from vla_recipes.finetuning import load_config, load_model
 from vla_recipes.models.char_tokenizer import build_gemma_like_tokenizer
+from vla_recipes.models.openvla import TINY_OPENVLA_CONFIG
 from vla_recipes.models.pi05 import (
     TINY_PI0_CONFIG,
     TINY_PI05_CONFIG,
@@ -21,7 +27,9 @@ from vla_recipes.models.pi05 import (
     Pi05ForActionPrediction,
     Pi05Processor,
 )
+from vla_recipes.models.pi05 import paligemma_with_expert as attention
 from vla_recipes.models.pi05.lerobot_format import LEROBOT_STATS_KEY
+from vla_recipes.models.pi05.paligemma_with_expert import sdpa_attention
 
 BATCH = 2
 STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
@@ -69,17 +77,56 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-@pytest.mark.parametrize(("kind", "config"), [("pi05", TINY_PI05_CONFIG), ("pi0", TINY_PI0_CONFIG)])
-def test_matches_lerobot(kind: str, config: dict, monkeypatch, tmp_path: Path, tokenizer_dir: Path) -> None:
+@dataclass
+class LeRobotRun:
+    """LeRobot's tiny policy saved in ``folder``, the raw inputs it saw and what it computed from them."""
+
+    config: dict
+    raw: dict
+    batch: dict
+    images: torch.Tensor
+    image_masks: torch.Tensor
+    folder: Path
+    noise: torch.Tensor
+    time: torch.Tensor
+    loss: float
+    actions: torch.Tensor
+
+
+@pytest.fixture(scope="module", params=[("pi05", TINY_PI05_CONFIG), ("pi0", TINY_PI0_CONFIG)], ids=["pi05", "pi0"])
+def lerobot_run(request, tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> LeRobotRun:
+    """Run LeRobot once per kind; both attention implementations of ours are compared with it."""
+    kind, config = request.param
     raw = make_raw(config)
-    reference = build_reference(kind, monkeypatch, tmp_path, tokenizer_dir, raw["stats"], config)
-    batch = reference.preprocessor(
-        {**raw["images"], "observation.state": raw["state"], "action": raw["actions"], "task": raw["tasks"]}
+    folder = tmp_path_factory.mktemp(f"lerobot_{kind}")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        reference = build_reference(kind, monkeypatch, folder, tokenizer_dir, raw["stats"], config)
+        batch = reference.preprocessor(
+            {**raw["images"], "observation.state": raw["state"], "action": raw["actions"], "task": raw["tasks"]}
+        )
+        images, masks = reference.policy._preprocess_images(batch)
+        generator = torch.Generator().manual_seed(2)
+        noise = torch.randn(BATCH, config["action_horizon"], 32, generator=generator)
+        time = torch.rand(BATCH, generator=generator) * 0.999 + 0.001
+        monkeypatch.setattr(reference.policy.model, "sample_noise", lambda shape, device: noise)
+        monkeypatch.setattr(reference.policy.model, "sample_time", lambda size, device: time)
+        with torch.no_grad():
+            loss, _ = reference.policy.forward(batch)
+            actions = reference.postprocessor(reference.policy.predict_action_chunk(batch, noise=noise))
+    return LeRobotRun(
+        config, raw, batch, torch.stack(images, 1), torch.stack(masks, 1), folder, noise, time, loss.item(), actions
     )
 
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_matches_lerobot(lerobot_run: LeRobotRun, attn: str, monkeypatch) -> None:
+    """eager is LeRobot's attention op for op: loss and actions equal bit for bit. sdpa (the default) is PyTorch's
+    fused kernel: the same to float32 rounding."""
+    run, config, raw, batch = lerobot_run, lerobot_run.config, lerobot_run.raw, lerobot_run.batch
     # The LeRobot folder loads as is; only the sizes its config.json cannot name are given.
-    model = Pi05ForActionPrediction.from_pretrained(tmp_path, **TINY_SIZES).eval()
-    assert model.config.pi05 == (kind == "pi05")
+    model = Pi05ForActionPrediction.from_pretrained(run.folder, **TINY_SIZES, attn_implementation=attn).eval()
+    assert model.config.pi05 == config["pi05"]
+    assert model.config._attn_implementation == attn
     assert model.config.norm_stats[LEROBOT_STATS_KEY]["action"]["q01"] == raw["stats"]["action"]["q01"].tolist()
     processor = Pi05Processor.from_model_config(model.config, build_gemma_like_tokenizer())
     inputs = processor(images=raw["images"], text=raw["tasks"], state=raw["state"])
@@ -88,30 +135,40 @@ def test_matches_lerobot(kind: str, config: dict, monkeypatch, tmp_path: Path, t
     # Pre-processing: tokens exactly, images, state and actions to float rounding.
     assert torch.equal(inputs["input_ids"], batch["observation.language.tokens"])
     assert torch.equal(inputs["attention_mask"], batch["observation.language.attention_mask"])
-    lerobot_images, lerobot_masks = reference.policy._preprocess_images(batch)
-    assert max_diff(inputs["pixel_values"], torch.stack(lerobot_images, dim=1)) < 1e-6
-    assert torch.equal(inputs["image_masks"], torch.stack(lerobot_masks, dim=1))
+    assert max_diff(inputs["pixel_values"], run.images) < 1e-6
+    assert torch.equal(inputs["image_masks"], run.image_masks)
     assert max_diff(actions, batch["action"]) < 1e-6
-    if kind == "pi0":
+    if not config["pi05"]:
         assert max_diff(inputs["state"], batch["observation.state"]) < 1e-6
 
-    generator = torch.Generator().manual_seed(2)
-    noise = torch.randn(BATCH, config["action_horizon"], 32, generator=generator)
-    time = torch.rand(BATCH, generator=generator) * 0.999 + 0.001
-    monkeypatch.setattr(reference.policy.model, "sample_noise", lambda shape, device: noise)
-    monkeypatch.setattr(reference.policy.model, "sample_time", lambda size, device: time)
+    fused_calls = []
+    monkeypatch.setattr(attention, "sdpa_attention", lambda *args: fused_calls.append(1) or sdpa_attention(*args))
     with torch.no_grad():
-        lerobot_loss, _ = reference.policy.forward(batch)
-        loss = model(**inputs, actions=actions, noise=noise, time=time).loss
-        lerobot_actions = reference.postprocessor(reference.policy.predict_action_chunk(batch, noise=noise))
-    predicted = model.predict_action(**inputs, noise=noise)
+        loss = model(**inputs, actions=actions, noise=run.noise, time=run.time).loss.item()
+    predicted = model.predict_action(**inputs, noise=run.noise)
+    assert bool(fused_calls) == (attn == "sdpa")
 
-    loss_diff, action_diff = abs(loss.item() - lerobot_loss.item()), max_diff(predicted, lerobot_actions)
-    print(f"\n{kind}: loss {loss.item():.6f} vs LeRobot {lerobot_loss.item():.6f} (|diff| {loss_diff:.2e}); "
-          f"actions max |diff| {action_diff:.2e} (range {lerobot_actions.abs().max().item():.2f})")  # fmt: skip
-    assert loss.item() == pytest.approx(lerobot_loss.item(), rel=1e-5)
+    loss_diff, action_diff, scale = abs(loss - run.loss), max_diff(predicted, run.actions), run.actions.abs().max()
+    print(f"\n{'pi05' if config['pi05'] else 'pi0'} {attn}: loss {loss:.6f} vs LeRobot {run.loss:.6f} "
+          f"(|diff| {loss_diff:.2e}); actions max |diff| {action_diff:.2e} (range {scale:.2f})")  # fmt: skip
     assert predicted.shape == (BATCH, config["action_horizon"], config["action_dim"])
-    assert action_diff < 1e-4
+    if attn == "eager":
+        assert loss_diff == 0.0 and action_diff == 0.0
+    else:
+        assert loss_diff < 1e-6 * abs(run.loss) and action_diff < 1e-6 * scale
+
+
+@pytest.mark.parametrize("model_type", ["pi05", "openvla"])
+def test_sdpa_is_the_default_and_the_recipe_key_reaches_model_config_models(model_type: str, tmp_path: Path) -> None:
+    """A model built from a recipe's ``model_config`` gets ``attn_implementation`` as from_pretrained would."""
+    tiny = TINY_PI05_CONFIG if model_type == "pi05" else TINY_OPENVLA_CONFIG
+    model_args = ModelArguments(model_config={"model_type": model_type, **copy.deepcopy(tiny)})
+    model_class = get_family(model_type).model_class
+    default = load_model(model_args, load_config(model_args), model_class, str(tmp_path))
+    assert default.config._attn_implementation == "sdpa"
+    model_args.attn_implementation = "eager"
+    model = load_model(model_args, load_config(model_args), model_class, str(tmp_path))
+    assert {sub.config._attn_implementation for sub in model.modules() if hasattr(sub, "config")} == {"eager"}
 
 
 def test_default_config_has_lerobot_pi05_base_layout() -> None:

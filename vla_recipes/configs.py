@@ -8,13 +8,17 @@ convention): the YAML sets the defaults, any field can be overridden on the comm
 from __future__ import annotations
 
 import difflib
+import enum
 import json
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from transformers import TrainingArguments
 from trl import TrlParser
 
@@ -58,6 +62,10 @@ class ModelArguments:
     lora_init_weights: str = field(default="gaussian", metadata={"help": "PEFT init_lora_weights (OpenVLA: gaussian)."})
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4."})
     bnb_4bit_use_double_quant: bool = field(default=False, metadata={"help": "QLoRA nested quantisation."})
+    bnb_4bit_quant_storage: str | None = field(
+        default=None,
+        metadata={"help": "QLoRA: dtype holding the packed 4-bit weights (default uint8); FSDP / ZeRO-3 need dtype's."},
+    )
     merge_adapters: bool = field(
         default=False, metadata={"help": "LoRA/QLoRA: also write the merged model to <output_dir>/merged."}
     )
@@ -87,6 +95,14 @@ class DataArguments:
         default=None, metadata={"help": "Camera features fed to the model; default: the dataset's first camera."}
     )
     state_key: str | None = field(default="observation.state", metadata={"help": "State feature (None: no state)."})
+    state_indices: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "The state dims the model sees, in this order: indices and ranges like '236:240' (e.g. the joints "
+            "of a 256-dim proprioception vector; pi0.5 takes <= 32). Saved as config.state_indices; at inference pass "
+            "the processor the selected state, observation.state[..., config.state_indices]. Default: every dim."
+        },
+    )
     action_key: str = field(default="action", metadata={"help": "Action feature."})
     action_horizon: int = field(default=1, metadata={"help": "Actions per sample (chunk length; OpenVLA: 1)."})
     train_episodes: list[str] | None = field(
@@ -107,6 +123,44 @@ class DataArguments:
         default=False, metadata={"help": "OpenVLA's augmentation: random crop (90% area) + colour jitter."}
     )
     video_backend: str = field(default="pyav", metadata={"help": "LeRobot video backend: pyav or torchcodec."})
+    norm_stats_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Normalise with these statistics instead of the dataset's (e.g. a base model's, to fine-tune on a "
+            "small dataset): a LeRobot meta/stats.json, an OpenVLA dataset_statistics.json or a model's config.json. "
+            "Features it lacks come from the dataset."
+        },
+    )
+    norm_stats_key: str | None = field(
+        default=None,
+        metadata={"help": "The dataset entry of a norm_stats_path that holds several (OpenVLA: e.g. bridge_orig)."},
+    )
+    stats_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cache of the statistics computed from the dataset's parquet data (when its meta/stats.json "
+            "lacks what norm_mode needs, or for a subset of episodes); default $VLA_RECIPES_CACHE/stats, else "
+            "~/.cache/vla_recipes/stats."
+        },
+    )
+    write_stats_to_dataset: bool = field(
+        default=False,
+        metadata={
+            "help": "Also write the computed statistics into the dataset's meta/stats.json (the dataset is never "
+            "modified otherwise). Refused when training on a subset of episodes."
+        },
+    )
+    frame_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode each video once into a uint8 frame cache at the model's input size (memory-mapped) "
+            "instead of per sample; false: LeRobot's per-sample decoding."
+        },
+    )
+    frame_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Frame cache folder; default: $VLA_RECIPES_CACHE/frames, else ~/.cache/vla_recipes/frames."},
+    )
 
     def __post_init__(self) -> None:
         if self.dataset_repo_id is None:
@@ -131,6 +185,13 @@ class VLATrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Replace a non-empty output_dir that is not being resumed."}
     )
 
+    def __post_init__(self) -> None:
+        # YAML `resume_from_checkpoint: true` is a bool, `--resume_from_checkpoint true` a string: same meaning.
+        resume = self.resume_from_checkpoint
+        if isinstance(resume, str) and resume.lower() in ("true", "false"):
+            self.resume_from_checkpoint = True if resume.lower() == "true" else None
+        super().__post_init__()
+
 
 def check_output_dir(args: VLATrainingArguments) -> None:
     """Refuse to write over a previous run's folder unless asked to (or resuming it)."""
@@ -142,8 +203,9 @@ def check_output_dir(args: VLATrainingArguments) -> None:
         )
 
 
-def parse_episodes(spec: Sequence[str | int] | str | None) -> list[int] | None:
-    """``['0:3', 5]`` or ``'0:3,5'`` -> ``[0, 1, 2, 5]`` (Python-style half-open ranges)."""
+def parse_episodes(spec: Sequence[str | int] | str | None, what: str = "episode spec") -> list[int] | None:
+    """``['0:3', 5]`` or ``'0:3,5'`` -> ``[0, 1, 2, 5]`` (Python-style half-open ranges, in the order given);
+    ``what`` names the spec in the error (episodes, or ``state_indices``)."""
     if spec is None:
         return None
     items = spec.split(",") if isinstance(spec, str) else spec
@@ -157,7 +219,7 @@ def parse_episodes(spec: Sequence[str | int] | str | None) -> list[int] | None:
             elif text:
                 episodes.append(int(text))
         except ValueError as e:
-            raise RecipeError(f"episode spec {text!r} is not an index or a 'start:stop' range") from e
+            raise RecipeError(f"{what} {text!r} is not an index or a 'start:stop' range") from e
     return episodes
 
 
@@ -172,6 +234,83 @@ def _unknown_key_error(unknown: list[str], source: str) -> RecipeError:
     return RecipeError(f"unknown recipe key in {source}: {described}")
 
 
+# Values a field takes besides its declared type: ``resume_from_checkpoint: true`` (the latest checkpoint),
+# ``lora_target_modules: all-linear`` (PEFT's keyword), ``train_episodes: "0:40,45"``.
+_ALSO_ACCEPTED = {
+    "resume_from_checkpoint": bool,
+    "lora_target_modules": str,
+    "train_episodes": str,
+    "eval_episodes": str,
+    "state_indices": str,
+}
+
+
+def _type_ok(value: object, tp: object) -> bool:
+    """Whether a YAML value fits a field's type. Strings for numbers and booleans are left to argparse, which
+    converts them (``learning_rate: 1e-4`` is a string to YAML) and reports the ones it cannot."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in args)
+    if value is None:  # an unset value: each dataclass says whether it needs one
+        return True
+    if tp is type(None):
+        return False
+    if origin is Literal:
+        return value in args or isinstance(value, str)
+    if tp in (list, tuple) or origin in (list, tuple):
+        # a number among strings is fine: it is read as text (train_episodes: ["0:3", 5])
+        return isinstance(value, list) and all(_type_ok(v, args[0]) or isinstance(v, int) for v in value if args)
+    if tp is dict or origin is dict:
+        return isinstance(value, dict)
+    if tp is bool:
+        return isinstance(value, bool | str)
+    if tp in (int, float):
+        return isinstance(value, str) or (
+            isinstance(value, int | float) and not isinstance(value, bool) and (tp is float or isinstance(value, int))
+        )
+    if tp is str or (isinstance(tp, type) and issubclass(tp, enum.Enum)):
+        return isinstance(value, str)
+    return True  # other types: argparse converts or the dataclass checks
+
+
+def _type_name(tp: object) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if typing.get_origin(tp) in (list, tuple):
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def check_yaml_types(recipe: dict, source: str) -> None:
+    """A recipe value of the wrong type fails naming the key (argparse would keep a YAML value unchecked)."""
+    for cls in RECIPE_DATACLASSES:
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.name not in recipe or not f.init:
+                continue
+            value, tp = recipe[f.name], hints.get(f.name, f.type)
+            if _type_ok(value, tp) or isinstance(value, _ALSO_ACCEPTED.get(f.name, ())):
+                continue
+            hint = ""
+            if isinstance(value, bool):
+                hint = "; YAML reads a bare yes/no/on/off/true/false as a boolean: quote the value"
+            elif isinstance(value, str) and _type_ok([value], tp):
+                hint = f"; write a list: {f.name}: [{value}]"
+            raise RecipeError(
+                f"{f.name} in {source} must be {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}"
+            )
+
+
+class _RecipeParser(TrlParser):
+    """TrlParser whose argparse errors (``--max_steps ten``) are one RecipeError line, not a usage screen."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise RecipeError(f"bad recipe value: {message}")
+
+
 def parse_recipe(
     args: Sequence[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, VLATrainingArguments]:
@@ -180,10 +319,15 @@ def parse_recipe(
     if "--config" in args:
         path = args[args.index("--config") + 1]
         try:
-            open(path).close()
+            recipe = yaml.safe_load(Path(path).read_text())
         except OSError as e:
             raise RecipeError(f"recipe file {path!r} cannot be read: {e.strerror}") from e
-    parser = TrlParser(RECIPE_DATACLASSES, allow_abbrev=False)  # a typo must not pass as a prefix
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe file {path!r} is not valid YAML: {' '.join(str(e).split())}") from e
+        if not isinstance(recipe, dict):
+            raise RecipeError(f"recipe file {path!r} must be a mapping of recipe keys to values")
+        check_yaml_types(recipe, f"recipe file {path!r}")
+    parser = _RecipeParser(RECIPE_DATACLASSES, allow_abbrev=False)  # a typo must not pass as a prefix
     *parsed, from_yaml, from_cli = parser.parse_args_and_config(
         args, return_remaining_strings=True, separate_remaining_strings=True
     )

@@ -1,14 +1,151 @@
 """Distributed runs: what the trainers need around accelerate's strategies (DDP, FSDP2, DeepSpeed).
 
-Nothing here launches processes or wraps models by hand; accelerate does that. This module holds
-the few things a recipe must do itself, such as closing a multi-process run cleanly.
+Nothing here launches processes or wraps models by hand; accelerate does that. This module holds the few things a
+recipe must decide itself: which blocks FSDP2 shards per model family, which combinations of strategy and
+fine-tuning mode cannot work (refused before any weight is loaded), the full-weights save at the end of a sharded
+run, and closing a multi-process run cleanly.
 """
 
 from __future__ import annotations
 
 import gc
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 
-from transformers import Trainer
+from accelerate.utils import str_to_bool
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+
+from vla_recipes.configs import ModelArguments, RecipeError
+
+# The modules that become FSDP2 units, per model family (``config.model_type``), instead of accelerate's default, the
+# model's ``_no_split_modules`` (which is also device_map's no-split list). pi0.5's names GemmaDecoderLayer, whose
+# weights the joint VLM + expert attention reads without calling the layer, so FSDP2 never gathers them ("got mixed
+# torch.Tensor and DTensor"): its Gemma layers stay in the root unit. OpenVLA's class attribute names only the
+# vision blocks and the projector (transformers >= 5 adds the Llama decoder layers from the language model at init;
+# naming them here keeps the ~95% of the 7B that they hold sharded layer by layer whatever the version).
+FSDP_BLOCKS: dict[str, tuple[str, ...]] = {
+    "openvla": ("LlamaDecoderLayer", "Block", "OpenVLAProjector"),
+    "pi05": ("SiglipEncoderLayer",),
+}
+# Blocks that break a family's forward when they are FSDP units of their own (see FSDP_BLOCKS).
+UNSHARDABLE_BLOCKS = ("GemmaDecoderLayer",)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """What ``accelerate launch`` set up for this process, read from the environment it passes to the script."""
+
+    kind: str  # "single", "ddp", "fsdp" or "deepspeed"
+    num_processes: int = 1
+    mixed_precision: str = "no"
+    fsdp_version: int | None = None
+    fsdp_blocks: tuple[str, ...] = ()  # fsdp_transformer_layer_cls_to_wrap; empty: the family's FSDP_BLOCKS
+    fsdp_activation_checkpointing: bool = False
+    fsdp_state_dict_type: str | None = None
+    fsdp_reshard_after_forward: bool = False  # FSDP2's full shard
+    fsdp_cpu_ram_efficient_loading: bool = False
+    zero_stage: int | None = None
+    zero3_save_16bit_model: bool = False
+
+    @property
+    def shards_weights(self) -> bool:
+        """Whether each process holds only a shard of the (frozen) weights: FSDP and ZeRO-3."""
+        return self.kind == "fsdp" or (self.kind == "deepspeed" and self.zero_stage == 3)
+
+    @property
+    def name(self) -> str:
+        return f"DeepSpeed ZeRO-{self.zero_stage}" if self.kind == "deepspeed" else self.kind.upper()
+
+
+def strategy_from_env(env: Mapping[str, str] | None = None) -> Strategy:
+    """The strategy of this process, from the variables ``accelerate launch`` (and torchrun) set."""
+    env = os.environ if env is None else env
+
+    def flag(name: str) -> bool:
+        return bool(str_to_bool(env.get(name, "false")))
+
+    common = {
+        "num_processes": int(env.get("WORLD_SIZE", "1")),
+        "mixed_precision": env.get("ACCELERATE_MIXED_PRECISION", "no"),
+    }
+    if flag("ACCELERATE_USE_DEEPSPEED"):
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        return Strategy(
+            "deepspeed",
+            zero_stage=int(stage) if stage else None,
+            zero3_save_16bit_model=flag("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"),
+            **common,
+        )
+    if flag("ACCELERATE_USE_FSDP"):
+        blocks = env.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
+        return Strategy(
+            "fsdp",
+            fsdp_version=int(env.get("FSDP_VERSION", "1")),
+            fsdp_blocks=tuple(blocks.split(",")) if blocks else (),
+            fsdp_activation_checkpointing=flag("FSDP_ACTIVATION_CHECKPOINTING"),
+            fsdp_state_dict_type=env.get("FSDP_STATE_DICT_TYPE"),
+            fsdp_reshard_after_forward=flag("FSDP_RESHARD_AFTER_FORWARD"),
+            fsdp_cpu_ram_efficient_loading=flag("FSDP_CPU_RAM_EFFICIENT_LOADING"),
+            **common,
+        )
+    return Strategy("ddp" if common["num_processes"] > 1 else "single", **common)
+
+
+def check_strategy(
+    model_args: ModelArguments, training_args: TrainingArguments, strategy: Strategy | None = None
+) -> None:
+    """Refuse, before the model is loaded, a combination of strategy and recipe that cannot work."""
+    strategy = strategy or strategy_from_env()
+    if strategy.shards_weights and model_args.finetune_mode == "qlora":
+        storage, dtype = model_args.bnb_4bit_quant_storage, model_args.dtype
+        if storage is None or storage != dtype or dtype not in ("bfloat16", "float16", "float32"):
+            raise RecipeError(
+                f"finetune_mode='qlora' under {strategy.name} shards the 4-bit base, which needs the packed weights "
+                f"stored in the compute dtype: set dtype and bnb_4bit_quant_storage to the same float dtype, e.g. "
+                f"--dtype bfloat16 --bnb_4bit_quant_storage bfloat16 (now dtype={dtype!r}, "
+                f"bnb_4bit_quant_storage={storage!r}); or use multi_gpu.yaml (DDP)"
+            )
+    if strategy.shards_weights and model_args.merge_adapters:
+        raise RecipeError(
+            f"merge_adapters under {strategy.name}: no process holds the whole base model to merge into; train "
+            "without it and merge afterwards (AutoModel.from_pretrained(output_dir).merge_and_unload())"
+        )
+    if strategy.kind != "fsdp":
+        return
+    if bad := [name for name in strategy.fsdp_blocks if name in UNSHARDABLE_BLOCKS]:
+        raise RecipeError(
+            f"fsdp_transformer_layer_cls_to_wrap names {bad}: pi0.5's joint attention reads these layers' weights "
+            "without calling them, so FSDP cannot gather them; drop the setting to use FSDP_BLOCKS (SiglipEncoderLayer)"
+        )
+    if strategy.fsdp_activation_checkpointing and training_args.gradient_checkpointing:
+        raise RecipeError(
+            "fsdp_activation_checkpointing (accelerate config) and gradient_checkpointing (recipe) are both on; "
+            "keep one: --gradient_checkpointing false, or fsdp_activation_checkpointing: false"
+        )
+
+
+def use_fsdp_blocks(trainer: Trainer, model: PreTrainedModel) -> None:
+    """Hand the family's FSDP_BLOCKS to accelerate's FSDP plugin, unless the accelerate config names its own."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is None or plugin.transformer_cls_names_to_wrap is not None:
+        return
+    if plugin.auto_wrap_policy is transformer_auto_wrap_policy:
+        plugin.transformer_cls_names_to_wrap = list(FSDP_BLOCKS[model.config.model_type])
+
+
+def save_full_weights(trainer: Trainer) -> None:
+    """Make the final ``save_model`` write full safetensors weights under FSDP.
+
+    With SHARDED_STATE_DICT (right for checkpoints: fast, one shard per rank) ``Trainer.save_model`` writes no
+    weights at all into the output folder; FULL_STATE_DICT gathers them on rank 0. ZeRO-3 gathers through
+    ``zero3_save_16bit_model`` in the accelerate config instead.
+    """
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        plugin.set_state_dict_type("FULL_STATE_DICT")
 
 
 def end_training(trainer: Trainer) -> None:

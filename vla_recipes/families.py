@@ -54,9 +54,12 @@ class Family:
         state_dim: int | None,
         norm_mode: str,
         norm_stats: dict,
+        state_indices: list[int] | None = None,
     ) -> None:
-        """Write what the model must remember about the data into its config (saved with the weights)."""
+        """Write what the model must remember about the data into its config (saved with the weights).
+        ``state_indices``: the dims of the dataset's state the model sees (None: all); the processor takes those."""
         config.camera_keys, config.action_horizon, config.action_dim = camera_keys, data_args.action_horizon, action_dim
+        config.state_indices = state_indices
         config.norm_mode, config.norm_stats = norm_mode, norm_stats
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
@@ -166,6 +169,7 @@ class Pi05Family(Family):
             if dim > getattr(config, limit):
                 raise RecipeError(
                     f"the dataset's {key!r} has {dim} dims, more than the model's {limit}={getattr(config, limit)}"
+                    + ("; select the dims the model sees with state_indices" if name == "state" else "")
                 )
         config.state_dim = fields["state_dim"]
         super().configure(config, data_args, camera_keys, **fields)
@@ -208,7 +212,7 @@ class Pi05Family(Family):
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=FlowMatchingDataCollator(processor),
+            data_collator=FlowMatchingDataCollator(processor, config=model.config),
             processing_class=processor,
         )
 

@@ -13,10 +13,11 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoConfig, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 from transformers.utils import CONFIG_NAME, cached_file
 
 from vla_recipes.configs import ModelArguments, RecipeError
+from vla_recipes.models.adapters import AdapterBaseMismatchError
 from vla_recipes.models.pi05 import Pi05Config
 
 ADAPTER_MODES = ("lora", "qlora")
@@ -28,7 +29,15 @@ def load_config(model_args: ModelArguments) -> PretrainedConfig:
     """The model's config, read without loading weights: from ``model_config``, a transformers folder, or a
     LeRobot policy folder (``"type": "pi05"``, as lerobot/pi05_base is laid out), which AutoConfig cannot read."""
     if model_args.model_config is not None:
-        return AutoConfig.for_model(**model_args.model_config)
+        model_type = model_args.model_config["model_type"]
+        if model_type not in CONFIG_MAPPING:
+            raise RecipeError(f"model_config: model_type {model_type!r} is not known; use openvla or pi05")
+        try:
+            return AutoConfig.for_model(**model_args.model_config)
+        except (ValueError, TypeError) as e:  # the config class's own checks
+            name = CONFIG_MAPPING[model_type].__name__
+            message = " ".join(str(e).split()).removeprefix(f"{name}: ")
+            raise RecipeError(f"model_config: {name}: {message}") from None
     path = model_args.model_name_or_path
     config_file = cached_file(path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False)
     if config_file is None:
@@ -64,7 +73,20 @@ def quantization_config(model_args: ModelArguments) -> BitsAndBytesConfig | None
         bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute if isinstance(compute, torch.dtype) else torch.float32,
+        bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,
     )
+
+
+def kbit_device_map() -> dict[str, int] | None:
+    """Where a 4-bit base loads: each DDP / FSDP process on its own GPU (TRL's rule; without it every process
+    would quantise onto GPU 0); nothing on the CPU, and nothing under DeepSpeed, which places the weights itself."""
+    from accelerate import PartialState
+
+    from vla_recipes.distributed import strategy_from_env
+
+    if not torch.cuda.is_available() or strategy_from_env().kind == "deepspeed":
+        return None
+    return {"": PartialState().local_process_index}
 
 
 def load_model(
@@ -74,19 +96,25 @@ def load_model(
     path = model_args.model_name_or_path
     if model_args.model_config is not None:
         model = model_class(config)
+        if model_args.attn_implementation:  # what from_pretrained's argument does for a pretrained model
+            model.set_attn_implementation(model_args.attn_implementation)
         if model_args.finetune_mode not in ADAPTER_MODES:
             return model.to(torch_dtype(model_args)) if isinstance(torch_dtype(model_args), torch.dtype) else model
         path = str(Path(output_dir).resolve() / "base_model")
         model.save_pretrained(path)
     kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
-    return model_class.from_pretrained(
-        path,
-        config=config,
-        dtype=torch_dtype(model_args),
-        quantization_config=quantization_config(model_args),
-        trust_remote_code=model_args.trust_remote_code,
-        **kwargs,
-    )
+    try:
+        return model_class.from_pretrained(
+            path,
+            config=config,
+            dtype=torch_dtype(model_args),
+            quantization_config=quantization_config(model_args),
+            device_map=kbit_device_map() if model_args.finetune_mode == "qlora" else None,
+            trust_remote_code=model_args.trust_remote_code,
+            **kwargs,
+        )
+    except AdapterBaseMismatchError as e:
+        raise RecipeError(f"model_name_or_path: {e}") from None
 
 
 def keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+
+
+def cache_root() -> Path:
+    """``$VLA_RECIPES_CACHE``, else ``~/.cache/vla_recipes``: the parent of every derived-data cache."""
+    return Path(os.environ.get("VLA_RECIPES_CACHE") or "~/.cache/vla_recipes").expanduser()
 
 
 def sha256(data: bytes | str) -> str:

@@ -8,6 +8,7 @@ import torch
 
 from vla_recipes.data.normalize import normalize
 from vla_recipes.models.openvla.processing_openvla import build_prompt
+from vla_recipes.models.pi05.flow_matching import sample_noise, sample_time
 
 IGNORE_INDEX = -100
 
@@ -61,9 +62,15 @@ class FlowMatchingDataCollator:
 
     Actions are normalised with the processor's statistics (the model config's), so training sees exactly
     what ``predict_action`` un-normalises; ``action_is_pad`` marks chunk steps past an episode's end.
+
+    Given the model ``config``, each sample's flow-matching ``noise`` and ``time`` are drawn here with the model's
+    own sampling, seeded by the sample's ``seed`` (``VLADataset``), instead of by the model from the global RNG
+    per batch: the loss then does not depend on how samples are split into processes, micro-batches or workers
+    (2 processes x batch 4 train exactly as 1 x batch 8), and evaluation losses are reproducible.
     """
 
     processor: object  # Pi05Processor
+    config: object | None = None  # Pi05Config
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         inputs = self.processor(
@@ -72,8 +79,22 @@ class FlowMatchingDataCollator:
             state=torch.stack([s["state"] for s in samples]),
         )
         actions = torch.stack([s["actions"] for s in samples]).float()
-        return {
+        batch = {
             **inputs,
             "actions": self.processor.normalize_actions(actions),
             "action_is_pad": torch.stack([s["action_is_pad"] for s in samples]),
         }
+        if self.config is not None and all("seed" in s for s in samples):
+            batch["noise"], batch["time"] = self.noise_and_time([s["seed"] for s in samples])
+        return batch
+
+    def noise_and_time(self, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample noise [B, horizon, max_action_dim] and time [B], the global RNG left untouched."""
+        shape = (1, self.config.action_horizon, self.config.max_action_dim)
+        noise, time = [], []
+        with torch.random.fork_rng(devices=[]):
+            for seed in seeds:
+                torch.manual_seed(seed)
+                noise.append(sample_noise(shape, torch.device("cpu")))
+                time.append(sample_time(1, torch.device("cpu"), self.config))
+        return torch.cat(noise), torch.cat(time)

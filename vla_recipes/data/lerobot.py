@@ -3,8 +3,9 @@
 A sample is a plain dict, the same for every model family (the collators turn it into model
 inputs)::
 
-    {"images": [float CHW in [0, 1], one per camera], "state": (state_dim,) or None,
-     "actions": (action_horizon, action_dim), "action_is_pad": (action_horizon,), "task": str}
+    {"images": [float CHW in [0, 1], one per camera], "state": (state_dim,) or None (``state_indices``' dims),
+     "actions": (action_horizon, action_dim), "action_is_pad": (action_horizon,), "task": str,
+     "seed": int (the sample's own random draws, see ``sample_seed``)}
 
 Action chunks come from LeRobot's ``delta_timestamps``: ``action_horizon`` future actions at the
 dataset's fps; steps past the episode's end repeat its last action and are flagged in
@@ -20,9 +21,9 @@ import torch
 from torch.utils.data import Dataset
 
 from vla_recipes.configs import DataArguments, RecipeError, parse_episodes
-from vla_recipes.data.normalize import check_stats
-
-STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
+from vla_recipes.data.frame_cache import FrameResize, open_frame_cache
+from vla_recipes.data.state_selection import state_selection
+from vla_recipes.data.stats import norm_stats_entry
 
 
 def load_metadata(data_args: DataArguments):
@@ -35,7 +36,41 @@ def load_metadata(data_args: DataArguments):
             f"dataset_root={root!r} holds no LeRobot dataset (no meta/info.json); "
             "point it at the dataset folder or drop it to download dataset_repo_id"
         )
-    return LeRobotDatasetMetadata(data_args.dataset_repo_id, root=root, revision=data_args.dataset_revision)
+    try:
+        return LeRobotDatasetMetadata(data_args.dataset_repo_id, root=root, revision=data_args.dataset_revision)
+    except Exception as e:
+        if (error := _metadata_error(e, data_args)) is None:
+            raise
+        raise error from None
+
+
+def _metadata_error(e: Exception, data_args: DataArguments) -> RecipeError | None:
+    """One line for what LeRobot raises when the dataset cannot be had (or None for anything else)."""
+    from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+    from lerobot.datasets.utils import BackwardCompatibilityError, ForwardCompatibilityError
+
+    repo, root = data_args.dataset_repo_id, data_args.dataset_root
+    if isinstance(e, BackwardCompatibilityError):  # lerobot's own converter; --root converts a local copy in place
+        where = f" --root={root} --push-to-hub=false" if root else ""
+        return RecipeError(
+            f"dataset {repo!r} is in LeRobot's v2.1 format and lerobot reads v3.0: convert it with "
+            f"`python -m lerobot.scripts.convert_dataset_v21_to_v30 --repo-id={repo}{where}`"
+        )
+    if isinstance(e, ForwardCompatibilityError):
+        return RecipeError(f"dataset {repo!r} is in a newer LeRobot format than this lerobot reads: upgrade lerobot")
+    if isinstance(e, RepositoryNotFoundError | RevisionNotFoundError):
+        return RecipeError(
+            f"dataset_repo_id={repo!r} (revision {data_args.dataset_revision or 'default'}) is not on the Hub, or is "
+            "private or gated (run `hf auth login`); check the id, or set dataset_root to a local copy"
+        )
+    offline = isinstance(e, OfflineModeIsEnabled)
+    if offline or isinstance(e, OSError) or type(e).__module__.startswith("httpx"):  # network down, DNS, refused
+        reason = "HF_HUB_OFFLINE is set" if offline else f"the Hub cannot be reached ({type(e).__name__})"
+        return RecipeError(
+            f"dataset {repo!r} is not on this machine and {reason}: download it where there is network "
+            f"(`hf download {repo} --repo-type dataset`) or set dataset_root to a local copy"
+        )
+    return None
 
 
 def resolve_camera_keys(meta, data_args: DataArguments) -> list[str]:
@@ -52,6 +87,69 @@ def resolve_camera_keys(meta, data_args: DataArguments) -> list[str]:
         if key is not None and key not in meta.features:
             raise RecipeError(f"{name}: {key!r} is not a feature of the dataset; it has {others}")
     return camera_keys
+
+
+def check_episode_data(meta, data_args: DataArguments, episodes: list[int]) -> None:
+    """Fail before training on episodes shorter than an action chunk, or with NaN/inf actions or states (reads the
+    parquet columns of the run's episodes: no video)."""
+    import pyarrow.parquet as pq
+
+    horizon = data_args.action_horizon
+    short = [(e, meta.episodes[e]["length"]) for e in episodes if meta.episodes[e]["length"] < horizon]
+    if short:
+        listed = ", ".join(f"{e} ({n} frames)" for e, n in short[:5])
+        raise RecipeError(
+            f"action_horizon={horizon} is longer than episodes {listed}{' ...' if len(short) > 5 else ''}; "
+            "lower action_horizon or leave those episodes out (train_episodes / eval_episodes)"
+        )
+    keys = [k for k in (data_args.action_key, data_args.state_key) if k is not None]
+    wanted = set(episodes)
+    bad: dict[str, set[int]] = {key: set() for key in keys}
+    for path in sorted({meta.root / meta.get_data_file_path(e) for e in episodes}):
+        table = pq.read_table(path, columns=["episode_index", *keys])
+        episode_index = table["episode_index"].to_numpy()
+        for key in keys:
+            column = table[key].combine_chunks()
+            values = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
+            rows = ~np.isfinite(values).all(axis=1)
+            bad[key].update(int(e) for e in np.unique(episode_index[rows]) if int(e) in wanted)
+    for key, found in bad.items():
+        if found:
+            listed = sorted(found)
+            raise RecipeError(
+                f"{key!r} has NaN or inf values in episodes {listed[:10]}{' ...' if len(listed) > 10 else ''}; "
+                "fix the dataset or leave those episodes out (train_episodes / eval_episodes)"
+            )
+
+
+def check_videos(meta, camera_keys: list[str], episodes: list[int]) -> None:
+    """Fail before training when a video file the run reads cannot be opened or ends before an episode's last frame
+    (a truncated download, a corrupt file): one seek and a few frames per file, naming the file and the episode."""
+    import av
+
+    last_needed: dict[tuple[str, Path], tuple[float, int]] = {}  # (camera, file) -> (latest frame time, episode)
+    for key in (k for k in camera_keys if k in meta.video_keys):
+        for e in episodes:
+            path = meta.root / meta.get_video_file_path(e, key)
+            end = float(meta.episodes[e][f"videos/{key}/to_timestamp"]) - 1 / meta.fps
+            if end > last_needed.get((key, path), (-1.0, -1))[0]:
+                last_needed[(key, path)] = (end, e)
+    for (key, path), (end, e) in last_needed.items():
+        problem = None
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                container.seek(int(max(end - 1.0, 0.0) / stream.time_base), stream=stream)
+                frame_times = (frame.time for frame in container.decode(stream))
+                if not any(t is not None and t >= end - 0.5 / meta.fps for t in frame_times):
+                    problem = f"it ends before {end:.2f} s"
+        except (av.FFmpegError, OSError) as err:
+            problem = " ".join(str(err).split())
+        if problem:
+            raise RecipeError(
+                f"video {str(path)!r} ({key}, episode {e}) is corrupt or truncated: {problem}; download or "
+                "encode it again, or leave the episodes in it out (train_episodes / eval_episodes)"
+            )
 
 
 def feature_dim(meta, key: str) -> int:
@@ -79,28 +177,27 @@ def episode_split(meta, data_args: DataArguments) -> tuple[list[int], list[int] 
     return train_eps, eval_eps
 
 
-def dataset_norm_stats(meta, data_args: DataArguments, norm_mode: str, action_mask: list[bool] | None) -> dict:
-    """The dataset's statistics in the ``config.norm_stats`` layout (see ``normalize``), checked for ``norm_mode``."""
-
-    def feature_stats(key: str) -> dict:
-        stats = meta.stats.get(key, {}) if meta.stats else {}
-        out = {
-            name: np.asarray(stats[name], dtype=np.float64).reshape(-1).tolist() for name in STAT_NAMES if name in stats
-        }
-        check_stats(out, norm_mode, key)
-        return out
-
-    entry: dict = {"action": feature_stats(data_args.action_key)}
+def dataset_norm_stats(
+    meta, data_args: DataArguments, norm_mode: str, action_mask: list[bool] | None, episodes: list[int] | None = None
+) -> dict:
+    """The run's statistics in the ``config.norm_stats`` layout (see ``normalize``), complete for ``norm_mode``:
+    given by ``norm_stats_path``, stored in the dataset, or computed over the training ``episodes`` (``stats``)."""
+    dim = feature_dim(meta, data_args.action_key)
+    if action_mask is not None and len(action_mask) != dim:
+        raise RecipeError(f"action_norm_mask has {len(action_mask)} entries but the action has {dim} dims")
+    entry = norm_stats_entry(meta, data_args, norm_mode, episodes)
     if action_mask is not None:
-        dim = len(next(iter(entry["action"].values())))
-        if len(action_mask) != dim:
-            raise RecipeError(f"action_norm_mask has {len(action_mask)} entries but the action has {dim} dims")
         entry["action"]["mask"] = list(action_mask)
-    if data_args.state_key is not None:
-        entry["proprio"] = feature_stats(data_args.state_key)
-    entry["num_transitions"] = int(meta.total_frames)
-    entry["num_trajectories"] = int(meta.total_episodes)
     return {data_args.dataset_repo_id: entry}
+
+
+def sample_seed(seed: int, epoch: int, index: int, stream: int) -> int:
+    """The seed of one sample's randomness (stream 0: image augmentation; others: free for other uses).
+
+    A pure function of the run's seed, the epoch and the sample index, so a sample is drawn the same
+    whatever the process, DataLoader worker or batch split, and after a resume.
+    """
+    return int(np.random.SeedSequence([seed, epoch, index, stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def openvla_image_augmentation(height: int, width: int):
@@ -116,41 +213,69 @@ def openvla_image_augmentation(height: int, width: int):
 
 
 class VLADataset(Dataset):
-    """A ``LeRobotDataset`` restricted to some episodes, yielding the model-agnostic sample dict."""
+    """A ``LeRobotDataset`` restricted to some episodes, yielding the model-agnostic sample dict.
+
+    Per-sample randomness (the image augmentation) is drawn from ``sample_seed(seed, epoch, index)``,
+    not the global RNG: the trainer calls :meth:`set_epoch` before each pass.
+    """
 
     def __init__(
-        self, meta, data_args: DataArguments, camera_keys: list[str], episodes: list[int], augment: bool = False
+        self,
+        meta,
+        data_args: DataArguments,
+        camera_keys: list[str],
+        episodes: list[int],
+        augment: bool = False,
+        seed: int = 0,
+        frame_resize: FrameResize | None = None,
     ):
         from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
         self.camera_keys = camera_keys
         self.state_key = data_args.state_key
+        selected = state_selection(meta, data_args)  # the dims the model sees (None: all)
+        self.state_indices = torch.tensor(selected) if selected is not None else None
         self.action_key = data_args.action_key
         horizon = data_args.action_horizon
-        transforms = None
-        if augment:
-            height, width = meta.features[camera_keys[0]]["shape"][:2]
-            transforms = openvla_image_augmentation(height, width)
+        self.seed, self.epoch = seed, 0
         self.dataset = LeRobotDataset(
             data_args.dataset_repo_id,
             root=data_args.dataset_root,
             revision=data_args.dataset_revision,
             episodes=episodes,
             delta_timestamps={self.action_key: [i / meta.fps for i in range(horizon)]},
-            image_transforms=transforms,
             video_backend=data_args.video_backend,
         )
+        # Frames decoded once into a uint8 cache (None: LeRobot decodes per sample); see data/frame_cache.py.
+        self.frames = open_frame_cache(self.dataset, data_args, camera_keys, frame_resize)
+        self.augment = None
+        if augment:  # at the size the images arrive in: the cached one (OpenVLA's 224, as its RLDS data)
+            native = meta.features[camera_keys[0]]["shape"][:2]
+            height, width = self.frames.image_shape(camera_keys[0]) if self.frames else native
+            self.augment = openvla_image_augmentation(height, width)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __getitem__(self, idx: int) -> dict:
-        item = self.dataset[idx]
+        item = self.frames.item(idx) if self.frames is not None else self.dataset[idx]
         actions = item[self.action_key]
+        images = [item[key] for key in self.camera_keys]
+        state = item[self.state_key] if self.state_key else None
+        if self.state_indices is not None:
+            state = state[self.state_indices]
+        if self.augment is not None:
+            with torch.random.fork_rng(devices=[]):  # the global RNG stream is left as it was
+                torch.manual_seed(sample_seed(self.seed, self.epoch, idx, stream=0))
+                images = [self.augment(image) for image in images]
         return {
-            "images": [item[key] for key in self.camera_keys],
-            "state": item[self.state_key] if self.state_key else None,
+            "images": images,
+            "state": state,
             "actions": actions,
             "action_is_pad": item.get(f"{self.action_key}_is_pad", torch.zeros(len(actions), dtype=torch.bool)),
             "task": item.get("task", ""),
+            "seed": sample_seed(self.seed, self.epoch, idx, stream=1),  # the sample's flow-matching noise and time
         }

@@ -282,6 +282,11 @@ class OpenVLAForActionPrediction(AdapterFolderMixin, PreTrainedModel):
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """Actions in the dataset's units, float32 [B, action_horizon, action_dim], from ``config.norm_stats``."""
+        self._action_stats(unnorm_key)  # a bad config fails before generating
+        ids = self.generate_action_ids(input_ids, attention_mask, pixel_values, **generate_kwargs)
+        return self.actions_from_ids(ids, unnorm_key)
+
+    def _action_stats(self, unnorm_key: str | None) -> dict:
         if not self.config.norm_stats:
             raise ValueError("config.norm_stats is empty: save the dataset statistics into the model's config")
         stats = select_stats(self.config.norm_stats, unnorm_key)["action"]
@@ -289,8 +294,13 @@ class OpenVLAForActionPrediction(AdapterFolderMixin, PreTrainedModel):
         dims = {len(value) for key, value in stats.items() if key in REQUIRED_STATS[self.config.norm_mode]}
         if dims - {self.config.action_dim}:
             raise ValueError(f"norm_stats hold {dims}-D actions but config.action_dim={self.config.action_dim}")
-        ids = self.generate_action_ids(input_ids, attention_mask, pixel_values, **generate_kwargs)
-        ids = ids.reshape(ids.shape[0], self.config.action_horizon, self.config.action_dim).cpu().numpy()
-        normalized = decode_action_ids(ids, self.config.tokenizer_vocab_size, self.config.n_action_bins)
+        return stats
+
+    def actions_from_ids(self, ids: torch.Tensor, unnorm_key: str | None = None) -> torch.Tensor:
+        """``generate_action_ids`` output -> ``predict_action`` output (evaluation scores the tokens and the
+        actions of one generation)."""
+        stats = self._action_stats(unnorm_key)
+        ids_np = ids.reshape(ids.shape[0], self.config.action_horizon, self.config.action_dim).cpu().numpy()
+        normalized = decode_action_ids(ids_np, self.config.tokenizer_vocab_size, self.config.n_action_bins)
         actions = unnormalize(normalized, stats, self.config.norm_mode)
-        return torch.as_tensor(actions, dtype=torch.float32, device=input_ids.device)
+        return torch.as_tensor(actions, dtype=torch.float32, device=ids.device)

@@ -19,6 +19,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from ...data.normalize import check_stats, select_stats, unnormalize
+from ..adapters import AdapterFolderMixin
 from .configuration_pi05 import FLOAT32_MODULES, Pi05Config
 from .flow_matching import euler_timesteps, sample_noise, sample_time, sinusoidal_time_embedding
 from .paligemma_with_expert import AdaptiveRMSNorm, GemmaRMSNorm, KeyValue, PaliGemmaWithExpert, linear
@@ -160,7 +161,7 @@ class Pi05Output(ModelOutput):
     losses: torch.FloatTensor | None = None
 
 
-class Pi05ForActionPrediction(PreTrainedModel):
+class Pi05ForActionPrediction(AdapterFolderMixin, PreTrainedModel):
     """pi0.5 (``config.pi05``) or pi0 with the flow-matching loss and a batched sampler returning dataset units.
 
     Inputs are what :class:`Pi05Processor` returns: ``pixel_values`` [B, cameras, 3, S, S] in [-1, 1],
@@ -172,6 +173,8 @@ class Pi05ForActionPrediction(PreTrainedModel):
     config_class = Pi05Config
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
+    # The joint attention runs PyTorch's fused SDPA by default; attn_implementation="eager" gives LeRobot's own.
+    _supports_sdpa = True
     _no_split_modules = ["GemmaDecoderLayer", "SiglipEncoderLayer"]
     _keep_in_fp32_modules_strict = FLOAT32_MODULES
     # The same for float16 loads, and what bitsandbytes leaves unquantised (its skip list matches from the start).

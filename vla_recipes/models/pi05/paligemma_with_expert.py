@@ -201,14 +201,26 @@ def _apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
-def _attend(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, head_dim: int) -> Tensor:
-    """Eager GQA attention with an additive mask, softmax in float32: [B, H, Lq, d] -> [B, Lq, H * d]."""
+def eager_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
+    """LeRobot's (transformers' Gemma eager) GQA attention, op for op, so its outputs are reproduced bit for bit:
+    matmul, additive mask, softmax in float32. [B, H, Lq, d] -> [B, Lq, H * d]."""
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
     value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
-    weights = torch.matmul(query, key.transpose(2, 3)) * head_dim**-0.5 + mask
+    weights = torch.matmul(query, key.transpose(2, 3)) * query.shape[-1] ** -0.5 + mask
     weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(weights, value).transpose(1, 2)
+    return out.reshape(*out.shape[:2], -1)
+
+
+def sdpa_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
+    """The same attention through PyTorch's fused kernel, which never materialises the [B, H, Lq, Lk] weights (the
+    bulk of pi0.5's compute and memory at ~700 prefix tokens). The kernel wants the additive mask in the query dtype,
+    kept finite there: padded prefix rows are fully masked, and an all -inf row would turn into NaNs."""
+    if mask.dtype != query.dtype:
+        mask = mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=query.shape[1] != key.shape[1])
+    out = out.transpose(1, 2)
     return out.reshape(*out.shape[:2], -1)
 
 
@@ -323,7 +335,8 @@ class PaliGemmaWithExpert(nn.Module):
         query = torch.cat([s.layer.self_attn.split_heads(s.layer.self_attn.q_proj, s.normed) for s in streams], dim=2)
         length = query.shape[2]
         query = _apply_rotary(query, cos[:, -length:], sin[:, -length:])
-        attended = _attend(query, key, value, mask[:, :, -length:], self.config.head_dim)
+        attend = eager_attention if self.config._attn_implementation == "eager" else sdpa_attention
+        attended = attend(query, key, value, mask[:, :, -length:])
         parts = attended.split([s.hidden.shape[1] for s in streams], dim=1)
         outputs = [_block(s.layer, s.hidden, part, s.gate, s.cond) for s, part in zip(streams, parts, strict=True)]
         new_prefix = outputs[0] if prefix is not None and not last else None

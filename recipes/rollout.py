@@ -1,0 +1,162 @@
+"""Closed-loop rollouts of a saved policy in a LeRobot gym environment: success rate, rewards and videos.
+
+    pip install -e ".[sim]"     # gym-pusht: PushT runs on a CPU
+    python recipes/rollout.py --model outputs/pusht-pi05 --env pusht --n_episodes 50 --batch_size 10
+    python recipes/rollout.py --model me/openvla-libero --env libero --env_kwargs '{"task": "libero_spatial"}'
+
+The environments, their observation processing and the evaluation loop are LeRobot's own
+(``lerobot.envs.make_env_config`` / ``make_env`` / ``make_env_pre_post_processors`` and ``eval_policy``); the
+model takes part as a :class:`vla_recipes.evaluation.ChunkedPolicy`: it predicts a chunk of
+``action_horizon`` actions, executes ``--n_action_steps`` of them, then re-plans from the new observation.
+
+Writes ``<output_dir>/rollout_results.json`` (LeRobot's per-task and overall figures), videos of the first
+``--videos`` episodes under ``<output_dir>/videos/<suite>_<task>/eval_episode_<i>.mp4``, ``closed_loop_*`` keys
+into ``eval_results.json`` and the model card (a re-run replaces them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoProcessor
+
+import vla_recipes  # noqa: F401  (registers the models with the Auto classes)
+from vla_recipes.configs import RecipeError
+from vla_recipes.evaluation import CLOSED_LOOP_TASK, ChunkedPolicy, evaluate_closed_loop
+from vla_recipes.hub import add_card_results
+
+PREFIX = "closed_loop_"
+
+
+def parse_args(args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="Output folder or Hub id of a fine-tuned model.")
+    parser.add_argument("--env", required=True, help="A LeRobot env type: pusht, libero, metaworld, aloha, ...")
+    parser.add_argument("--env_kwargs", default="{}", help='JSON fields of its EnvConfig, e.g. \'{"task": "..."}\'.')
+    parser.add_argument("--n_episodes", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=1, help="Environments stepped together (one batch).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the first episode (then +1 per episode).")
+    parser.add_argument("--videos", type=int, default=2, help="Record a video of the first N episodes per task.")
+    parser.add_argument("--n_action_steps", type=int, default=None, help="Actions run per chunk (default: all).")
+    parser.add_argument("--instruction", default=None, help="Task prompt (default: the env's task description).")
+    parser.add_argument(
+        "--camera_map", default=None, help="model_key=observation_key,... (default: same names, else in order)."
+    )
+    parser.add_argument("--output_dir", default=None, help="Where results go (default: --model when it is a folder).")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(args)
+
+
+def env_config(env: str, env_kwargs: str):
+    from lerobot.envs import make_env_config
+
+    try:
+        return make_env_config(env, **json.loads(env_kwargs))
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"--env_kwargs is not JSON: {e}") from None
+    except (ValueError, TypeError) as e:  # unknown env type, unknown field
+        raise RecipeError(f"--env {env} --env_kwargs {env_kwargs}: {e}") from None
+
+
+def match_env(config, env_cfg, camera_map: str | None) -> dict[str, str]:
+    """Check the model against the env (actions, cameras, state) and return model camera -> observation key."""
+    from lerobot.configs import FeatureType
+    from lerobot.utils.constants import ACTION, OBS_STATE
+
+    features = {env_cfg.features_map.get(key, key): ft for key, ft in env_cfg.features.items()}
+    env_action = features[ACTION].shape[0]
+    if env_action != config.action_dim:
+        raise RecipeError(
+            f"the model predicts {config.action_dim}-dim actions but the {env_cfg.type!r} env takes {env_action}-dim "
+            "ones; roll out a model fine-tuned on this env's data"
+        )
+    cameras = [key for key, ft in features.items() if ft.type is FeatureType.VISUAL]
+    if camera_map:
+        mapping = dict(item.split("=", 1) for item in camera_map.split(","))
+    elif set(config.camera_keys) <= set(cameras):
+        mapping = {key: key for key in config.camera_keys}
+    elif len(config.camera_keys) == len(cameras):
+        mapping = dict(zip(config.camera_keys, cameras, strict=True))
+    else:
+        raise RecipeError(
+            f"the model sees cameras {list(config.camera_keys)} and the env gives {cameras}; pass --camera_map "
+            "model_key=observation_key,..."
+        )
+    unknown = [key for key in mapping.values() if key not in cameras]
+    if sorted(mapping) != sorted(config.camera_keys) or unknown:
+        raise RecipeError(f"--camera_map must map each of {list(config.camera_keys)} to one of {cameras}")
+    state_dim = getattr(config, "state_dim", None)
+    if state_dim is not None and OBS_STATE in features and features[OBS_STATE].shape[0] != state_dim:
+        raise RecipeError(
+            f"the model takes a {state_dim}-dim state but the {env_cfg.type!r} env gives "
+            f"{features[OBS_STATE].shape[0]}-dim {OBS_STATE}"
+        )
+    return mapping
+
+
+def main(args: list[str] | None = None) -> dict:
+    from lerobot.envs import make_env, make_env_pre_post_processors
+
+    cli = parse_args(args)
+    env_cfg = env_config(cli.env, cli.env_kwargs)
+    camera_map = match_env(AutoConfig.from_pretrained(cli.model), env_cfg, cli.camera_map)
+    out = Path(cli.output_dir or (cli.model if Path(cli.model).is_dir() else f"outputs/eval/{Path(cli.model).name}"))
+    try:
+        envs = make_env(env_cfg, n_envs=cli.batch_size)
+    except ModuleNotFoundError as e:
+        raise RecipeError(f"the {cli.env!r} env needs a package that is not installed ({e}); for PushT: "
+                          "pip install -e '.[sim]'") from None  # fmt: skip
+
+    model = AutoModel.from_pretrained(cli.model).to(cli.device).eval()
+    processor = AutoProcessor.from_pretrained(cli.model)
+    policy = ChunkedPolicy(
+        model, processor, camera_map, n_action_steps=cli.n_action_steps, task=cli.instruction
+    )  # fmt: skip
+    info = evaluate_closed_loop(
+        policy,
+        envs,
+        make_env_pre_post_processors(env_cfg, None),
+        cli.n_episodes,
+        videos_dir=out / "videos",
+        max_episodes_rendered=cli.videos,
+        start_seed=cli.seed,
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rollout_results.json").write_text(json.dumps(info, indent=2, default=str))
+    overall = info["overall"]
+    results = {
+        "success_rate": overall["pc_success"] / 100,
+        "avg_sum_reward": overall["avg_sum_reward"],
+        "avg_max_reward": overall["avg_max_reward"],
+        "n_episodes": overall["n_episodes"],
+        "env": cli.env,
+        "env_task": env_cfg.task,
+    }
+    path = out / "eval_results.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    merged = {k: v for k, v in previous.items() if not k.startswith(PREFIX)} | {
+        PREFIX + k: v for k, v in results.items()
+    }
+    path.write_text(json.dumps(merged, indent=2))
+    scalars = {
+        PREFIX + k: float(v) for k, v in results.items() if k in ("success_rate", "avg_sum_reward", "avg_max_reward")
+    }
+    name = f"{cli.env}/{env_cfg.task}" if env_cfg.task else cli.env
+    add_card_results(out, scalars, task=CLOSED_LOOP_TASK, dataset=name, section="Closed-loop evaluation")
+
+    print(f"{name}: success {results['success_rate']:.1%} over {results['n_episodes']} episodes, "
+          f"average return {results['avg_sum_reward']:.3f}")  # fmt: skip
+    print(f"wrote {out / 'rollout_results.json'}, {len(overall['video_paths'])} videos in {out / 'videos'}")
+    return info
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RecipeError as e:
+        sys.exit(f"error: {e}")
