@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from vla_recipes.configs import DataArguments, RecipeError
-from vla_recipes.data.cache_keys import entry_stem, file_identity, info_sha256, sha256
+from vla_recipes.data.cache_keys import cache_root, entry_stem, file_identity, info_sha256, sha256
 from vla_recipes.data.normalize import REQUIRED_STATS
 from vla_recipes.data.state_selection import state_selection
 
@@ -48,7 +48,7 @@ Batches = Callable[[], Iterator[np.ndarray]]  # a fresh pass over a feature's (f
 
 def default_cache_dir() -> Path:
     """``$VLA_RECIPES_CACHE/stats``, else ``~/.cache/vla_recipes/stats`` (the frame cache's sibling)."""
-    return Path(os.environ.get("VLA_RECIPES_CACHE", "~/.cache/vla_recipes")).expanduser() / "stats"
+    return cache_root() / "stats"
 
 
 def _ranks(n: int, q: float) -> tuple[int, int, float]:

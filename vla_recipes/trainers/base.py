@@ -29,9 +29,9 @@ class NonFiniteError(RecipeError):
 class _DatasetEpoch(TrainerCallback):
     """Tell the train dataset the epoch before each pass, so per-sample randomness can depend on it.
 
-    accelerate's dataloader calls ``dataset.set_epoch`` only when its sampler has no ``set_epoch``
-    (the Trainer's seedable sampler has one), so the Trainer must do it. ``state.epoch`` is whole
-    at an epoch's start, also after a resume.
+    accelerate's dataloader calls ``dataset.set_epoch`` only when its sampler has no ``set_epoch``;
+    the seedable sampler of a multi-process run has one, so there the Trainer must do it.
+    ``int(state.epoch)`` is the epoch starting, also after a mid-epoch resume.
     """
 
     def __init__(self, dataset) -> None:
