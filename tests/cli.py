@@ -7,6 +7,7 @@ exit) must fail the test, never the CI job.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 import subprocess
@@ -14,10 +15,21 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import psutil
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMOS = {name: yaml.safe_load((ROOT / f"recipes/demo/{name}.yaml").read_text()) for name in ("openvla", "pi05")}
+
+
+def load_script(name: str) -> ModuleType:
+    """``recipes/<name>.py`` imported as a module, so a test can call its ``main(args)`` in-process."""
+    spec = importlib.util.spec_from_file_location(f"recipes_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def kill_tree(pid: int) -> None:

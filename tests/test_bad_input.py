@@ -17,17 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from cli import ROOT
-
-DEMOS = {name: yaml.safe_load((ROOT / f"recipes/demo/{name}.yaml").read_text()) for name in ("openvla", "pi05")}
+from cli import DEMOS, ROOT, load_script
 
 
 @pytest.fixture(scope="module")
 def sft():
-    spec = importlib.util.spec_from_file_location("sft_recipe_under_test", ROOT / "recipes/sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sft")
 
 
 @pytest.fixture(autouse=True)

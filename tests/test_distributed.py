@@ -17,10 +17,9 @@ from unittest import mock
 
 import pytest
 import yaml
-from cli import ROOT, accelerate_launch, run
+from cli import DEMOS, ROOT, accelerate_launch, load_script, run
 
 CONFIGS = ROOT / "accelerate_configs"
-DEMOS = {name: yaml.safe_load((ROOT / f"recipes/demo/{name}.yaml").read_text()) for name in ("openvla", "pi05")}
 LOSS_ATOL = 1e-5
 
 
@@ -222,13 +221,9 @@ def test_possible_combination_passes(strategy, fields, gradient_checkpointing):
 def test_sft_refuses_before_loading_the_model(tmp_path, dataset_root, monkeypatch):
     """recipes/sft.py in the environment ``accelerate launch --config_file fsdp.yaml`` gives it: refused before the
     dataset is read or the base model written."""
-    import importlib.util
-
     from vla_recipes.configs import RecipeError
 
-    spec = importlib.util.spec_from_file_location("sft_under_fsdp", ROOT / "recipes/sft.py")
-    sft = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sft)
+    sft = load_script("sft")
     recipe = write_recipe(tmp_path, dataset_root, "openvla", finetune_mode="qlora")
     _, env = launch_env(CONFIGS / "fsdp.yaml")
     for key, value in env.items():

@@ -3,7 +3,6 @@ training run logs (eval every ``eval_steps``, samples/s per logging window, Tens
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from cli import ROOT, accelerate_launch, run
+from cli import ROOT, accelerate_launch, load_script, run
 
 from vla_recipes.evaluation import load_metric
 
@@ -59,10 +58,9 @@ def evaluated(trained) -> Path:
     result = evaluate(out, recipe)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "action-token accuracy" in result.stdout
-    spec = importlib.util.spec_from_file_location("evaluate_recipe", ROOT / "recipes/evaluate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    script.main(["--model", str(out), "--config", str(recipe), "--num_workers", "0", "--plot_episodes", "1"])
+    load_script("evaluate").main(
+        ["--model", str(out), "--config", str(recipe), "--num_workers", "0", "--plot_episodes", "1"]
+    )
     return out
 
 

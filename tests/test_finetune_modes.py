@@ -32,9 +32,7 @@ def make(mode: str, tmp_path: Path, batch_and_stats):
     family = get_family("openvla")
     config = load_config(model_args)
     data_args = DataArguments(dataset_repo_id="local/synthetic_reach")
-    family.configure(
-        config, data_args, [CAMERA], action_dim=7, state_dim=8, norm_mode="bounds_q99", norm_stats=stats
-    )
+    family.configure(config, data_args, [CAMERA], action_dim=7, state_dim=8, norm_mode="bounds_q99", norm_stats=stats)
     model = load_model(model_args, config, family.model_class, str(tmp_path))
     processor = family.build_processor(model.config, model_args)
     targets = model.lora_target_modules()

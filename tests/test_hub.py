@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from cli import ROOT, accelerate_launch
+from cli import DEMOS, ROOT, accelerate_launch
 
 WRITE, READ = "hf_writewritewritewritewrite", "hf_readreadreadreadreadread"
 # token -> whoami-v2 "auth.accessToken.role"; any other token is rejected with 401, as the Hub does.
@@ -155,7 +155,7 @@ def assert_token_only_in_auth_headers(hub: StandInHub, token: str) -> None:
 def test_push_to_hub_end_to_end(tmp_path, dataset_root):
     """A user's run: private repo, a checkpoint pushed during training, the output folder at the end."""
     recipe = {
-        **yaml.safe_load((ROOT / "recipes/demo/openvla.yaml").read_text()),
+        **DEMOS["openvla"],
         "dataset_root": dataset_root,
         "train_episodes": ["0:5"],
         "eval_episodes": ["5:6"],

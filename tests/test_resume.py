@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli import ROOT, accelerate_launch
+from cli import DEMOS, accelerate_launch
 from torch import nn
 
 from vla_recipes.checkpointing import (
@@ -204,7 +204,6 @@ def test_trainer_sets_the_dataset_epoch_also_after_a_resume(tmp_path):
 
 # ---------------------------------------------------------------- slow: kill with SIGKILL mid-save, then resume
 
-DEMOS = {name: yaml.safe_load((ROOT / f"recipes/demo/{name}.yaml").read_text()) for name in ("openvla", "pi05")}
 CASES = {
     "openvla-full-1proc-1worker": ("openvla", "full", "single_gpu.yaml", 1),
     "openvla-lora-2proc": ("openvla", "lora", "multi_cpu.yaml", 0),

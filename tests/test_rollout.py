@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from cli import ROOT, run
+from cli import ROOT, load_script, run
 
 from vla_recipes.evaluation import ChunkedPolicy, evaluate_closed_loop
 
@@ -218,20 +218,13 @@ def test_lerobot_eval_policy_runs_the_model_with_known_success(tiny_model, tmp_p
     assert len(frames) == SUCCESS_STEP and frames[0].shape == (64, 64, 3)  # LeRobot keeps reset + steps before done
 
 
-def rollout_script():
-    spec = importlib.util.spec_from_file_location("rollout", ROOT / "recipes/rollout.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_rollout_script_writes_results_card_and_checks_the_env(tiny_model, tmp_path):
     from huggingface_hub import ModelCard
 
     from vla_recipes.configs import RecipeError
 
     register_env_config()
-    rollout = rollout_script()
+    rollout = load_script("rollout")
     out = tmp_path / "out"
     args = ["--model", str(tiny_model), "--env", "fake_reach", "--n_episodes", "2", "--output_dir", str(out)]
     for _ in range(2):  # a re-run replaces the card's figures

@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli import ROOT, accelerate_launch, run
-
-DEMOS = {name: yaml.safe_load((ROOT / f"recipes/demo/{name}.yaml").read_text()) for name in ("openvla", "pi05")}
+from cli import DEMOS, ROOT, accelerate_launch, run
 
 
 def write_recipe(tmp_path: Path, dataset_root: str, demo: str = "openvla", **overrides) -> Path:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 import yaml
-from cli import ROOT
+from cli import DEMOS, load_script
 
 from vla_recipes.configs import DataArguments, RecipeError
 from vla_recipes.data.lerobot import VLADataset, dataset_norm_stats, load_metadata
@@ -25,10 +24,7 @@ def data_args(root: str, **kw) -> DataArguments:
 
 @pytest.fixture(scope="module")
 def sft():
-    spec = importlib.util.spec_from_file_location("sft_state_indices", ROOT / "recipes/sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sft")
 
 
 def test_sft_trains_on_the_selected_state(sft, tmp_path, dataset_root, monkeypatch):
@@ -36,7 +32,7 @@ def test_sft_trains_on_the_selected_state(sft, tmp_path, dataset_root, monkeypat
 
     monkeypatch.setenv("VLA_RECIPES_CACHE", str(tmp_path / "cache"))
     recipe = {
-        **yaml.safe_load((ROOT / "recipes/demo/pi05.yaml").read_text()),
+        **DEMOS["pi05"],
         "dataset_root": dataset_root,
         "camera_keys": ["observation.images.image"],
         "state_indices": SELECTED,
