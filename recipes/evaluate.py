@@ -18,7 +18,6 @@ PNG plots of a few episodes into ``<output_dir>/plots/``, and the metrics into t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -34,7 +33,14 @@ from transformers import AutoModel, AutoProcessor, HfArgumentParser
 from vla_recipes.configs import DataArguments, RecipeError, parse_episodes
 from vla_recipes.data.frame_cache import frame_resize_for
 from vla_recipes.data.lerobot import VLADataset, check_episodes, load_metadata
-from vla_recipes.evaluation import OPEN_LOOP_TASK, open_loop_metrics, plot_episodes, predict_open_loop
+from vla_recipes.evaluation import (
+    OPEN_LOOP_TASK,
+    default_output_dir,
+    open_loop_metrics,
+    plot_episodes,
+    predict_open_loop,
+    update_eval_results,
+)
 from vla_recipes.hub import add_card_results
 
 PREFIX = "open_loop_"
@@ -72,7 +78,7 @@ def main(args: list[str] | None = None) -> dict:
         raise RecipeError("no episodes to evaluate: pass --episodes (e.g. 40:50) or set eval_episodes in the recipe")
     meta = load_metadata(data_args)
     check_episodes(meta, "--episodes" if cli.episodes else "eval_episodes", episodes)
-    out = Path(cli.output_dir or (cli.model if Path(cli.model).is_dir() else f"outputs/eval/{Path(cli.model).name}"))
+    out = Path(cli.output_dir) if cli.output_dir else default_output_dir(cli.model)
 
     model = AutoModel.from_pretrained(cli.model).to(cli.device).eval()
     processor = AutoProcessor.from_pretrained(cli.model)
@@ -92,12 +98,7 @@ def main(args: list[str] | None = None) -> dict:
     dims = list(range(min(cli.plot_dims, predictions.predicted.shape[-1])))
     plots = plot_episodes(predictions, out / "plots", results["episodes"][: cli.plot_episodes], dims)
 
-    path = out / "eval_results.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    merged = {k: v for k, v in previous.items() if not k.startswith(PREFIX)} | {
-        PREFIX + k: v for k, v in results.items()
-    }
-    path.write_text(json.dumps(merged, indent=2))
+    path = update_eval_results(out, PREFIX, results)
     scalars = {PREFIX + k: v for k, v in results.items() if isinstance(v, float)}
     add_card_results(
         out, scalars, task=OPEN_LOOP_TASK, dataset=data_args.dataset_repo_id, section="Open-loop evaluation"

@@ -26,7 +26,13 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 
 import vla_recipes  # noqa: F401  (registers the models with the Auto classes)
 from vla_recipes.configs import RecipeError
-from vla_recipes.evaluation import CLOSED_LOOP_TASK, ChunkedPolicy, evaluate_closed_loop
+from vla_recipes.evaluation import (
+    CLOSED_LOOP_TASK,
+    ChunkedPolicy,
+    default_output_dir,
+    evaluate_closed_loop,
+    update_eval_results,
+)
 from vla_recipes.hub import add_card_results
 
 PREFIX = "closed_loop_"
@@ -89,12 +95,18 @@ def match_env(config, env_cfg, camera_map: str | None) -> dict[str, str]:
     unknown = [key for key in mapping.values() if key not in cameras]
     if sorted(mapping) != sorted(config.camera_keys) or unknown:
         raise RecipeError(f"--camera_map must map each of {list(config.camera_keys)} to one of {cameras}")
-    state_dim = getattr(config, "state_dim", None)
-    if state_dim is not None and OBS_STATE in features and features[OBS_STATE].shape[0] != state_dim:
-        raise RecipeError(
-            f"the model takes a {state_dim}-dim state but the {env_cfg.type!r} env gives "
-            f"{features[OBS_STATE].shape[0]}-dim {OBS_STATE}"
-        )
+    state_dim, indices = getattr(config, "state_dim", None), getattr(config, "state_indices", None)
+    env_dim = features[OBS_STATE].shape[0] if OBS_STATE in features else None
+    if state_dim is not None and env_dim is not None:
+        if indices is not None and max(indices) >= env_dim:  # the model sees dims state_indices of the env's state
+            raise RecipeError(
+                f"the model was trained on state dims {list(indices)} but the {env_cfg.type!r} env gives "
+                f"{env_dim}-dim {OBS_STATE}"
+            )
+        if indices is None and env_dim != state_dim:
+            raise RecipeError(
+                f"the model takes a {state_dim}-dim state but the {env_cfg.type!r} env gives {env_dim}-dim {OBS_STATE}"
+            )
     return mapping
 
 
@@ -104,7 +116,7 @@ def main(args: list[str] | None = None) -> dict:
     cli = parse_args(args)
     env_cfg = env_config(cli.env, cli.env_kwargs)
     camera_map = match_env(AutoConfig.from_pretrained(cli.model), env_cfg, cli.camera_map)
-    out = Path(cli.output_dir or (cli.model if Path(cli.model).is_dir() else f"outputs/eval/{Path(cli.model).name}"))
+    out = Path(cli.output_dir) if cli.output_dir else default_output_dir(cli.model)
     try:
         envs = make_env(env_cfg, n_envs=cli.batch_size)
     except ModuleNotFoundError as e:
@@ -137,12 +149,7 @@ def main(args: list[str] | None = None) -> dict:
         "env": cli.env,
         "env_task": env_cfg.task,
     }
-    path = out / "eval_results.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    merged = {k: v for k, v in previous.items() if not k.startswith(PREFIX)} | {
-        PREFIX + k: v for k, v in results.items()
-    }
-    path.write_text(json.dumps(merged, indent=2))
+    update_eval_results(out, PREFIX, results)
     scalars = {
         PREFIX + k: float(v) for k, v in results.items() if k in ("success_rate", "avg_sum_reward", "avg_max_reward")
     }

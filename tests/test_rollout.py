@@ -164,9 +164,16 @@ def test_chunked_policy_replans_every_chunk(n_action_steps, expected):
         ChunkedPolicy(model, stub_processor, {CAMERA: "observation.image"}, n_action_steps=4)
 
 
-def test_chunked_policy_gives_pi05_the_state_and_every_camera():
+@pytest.mark.parametrize(
+    ("state_indices", "expected"),
+    [(None, [111.0, 211.0]), ([2, 0], [11.0, 11.0])],  # with state_indices the last dim the model sees is env dim 0
+)
+def test_chunked_policy_gives_pi05_the_state_and_every_camera(state_indices, expected):
     class StubPi05(torch.nn.Module):
-        config = SimpleNamespace(model_type="pi05", action_horizon=2, action_dim=1, state_dim=3)
+        config = SimpleNamespace(
+            model_type="pi05", action_horizon=2, action_dim=1, state_dim=len(state_indices or [0] * 3),
+            state_indices=state_indices,
+        )  # fmt: skip
         device = torch.device("cpu")
 
         def predict_action(self, state, images):  # the last state dim plus the cameras' first pixels
@@ -182,7 +189,7 @@ def test_chunked_policy_gives_pi05_the_state_and_every_camera():
         "observation.state": torch.tensor([[0.0, 0.0, 100.0], [0.0, 0.0, 200.0]]),
         "task": ["go", "go"],
     }
-    assert policy.select_action(observation).flatten().tolist() == [111.0, 211.0]
+    assert policy.select_action(observation).flatten().tolist() == expected
 
 
 def test_lerobot_eval_policy_runs_the_model_with_known_success(tiny_model, tmp_path):

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -38,6 +39,21 @@ class OpenLoopPredictions:
     is_pad: np.ndarray  # (frames, horizon): chunk steps past the episode's end (no recorded action)
     episode_index: np.ndarray  # (frames,)
     predicted_ids: np.ndarray | None = None  # OpenVLA: the generated action tokens, (frames, horizon, action_dim)
+
+
+def default_output_dir(model: str) -> Path:
+    """Where an evaluation writes: the model's own folder, or ``outputs/eval/<name>`` for a Hub id."""
+    return Path(model) if Path(model).is_dir() else Path("outputs/eval") / Path(model).name
+
+
+def update_eval_results(folder: Path, prefix: str, results: dict) -> Path:
+    """Merge ``results`` as ``<prefix><key>`` into ``folder/eval_results.json``, replacing that prefix's earlier keys
+    (a re-run replaces its results; the trainer's ``eval_*`` and the other evaluation's keys stay)."""
+    path = Path(folder) / "eval_results.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    kept = {k: v for k, v in previous.items() if not k.startswith(prefix)}
+    path.write_text(json.dumps(kept | {prefix + k: v for k, v in results.items()}, indent=2))
+    return path
 
 
 def _on_device(inputs, device: torch.device):
@@ -176,11 +192,15 @@ class ChunkedPolicy(torch.nn.Module):
         if not 1 <= self.n_action_steps <= model.config.action_horizon:
             raise ValueError(f"n_action_steps must be in 1..{model.config.action_horizon} (the model's chunk length)")
         self.needs_state = getattr(model.config, "state_dim", None) is not None  # pi0.5 / pi0 prompt on the state
+        self.state_indices = getattr(model.config, "state_indices", None)  # the dims the model was trained on
         self.state_key, self.task = state_key, task
         self._queue: deque[torch.Tensor] = deque()
 
     def reset(self) -> None:
         self._queue.clear()
+
+    def _state(self, state: torch.Tensor) -> torch.Tensor:
+        return state[..., self.state_indices] if self.state_indices is not None else state
 
     @torch.no_grad()
     def predict_action_chunk(self, observation: dict) -> torch.Tensor:
@@ -190,7 +210,7 @@ class ChunkedPolicy(torch.nn.Module):
         samples = [
             {
                 "images": [observation[key][i] for key in self.camera_map.values()],
-                "state": observation[self.state_key][i] if self.needs_state else None,
+                "state": self._state(observation[self.state_key][i]) if self.needs_state else None,
                 "task": tasks[i],
             }
             for i in range(batch)

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from vla_recipes.configs import DataArguments, RecipeError, parse_episodes
 from vla_recipes.data.frame_cache import FrameResize, open_frame_cache
 from vla_recipes.data.state_selection import state_selection
-from vla_recipes.data.stats import norm_stats_entry
+from vla_recipes.data.stats import column_values, data_files, episode_table, norm_stats_entry
 
 
 def load_metadata(data_args: DataArguments):
@@ -105,12 +105,12 @@ def check_episode_data(meta, data_args: DataArguments, episodes: list[int]) -> N
     keys = [k for k in (data_args.action_key, data_args.state_key) if k is not None]
     wanted = set(episodes)
     bad: dict[str, set[int]] = {key: set() for key in keys}
-    for path in sorted({meta.root / meta.get_data_file_path(e) for e in episodes}):
-        table = pq.read_table(path, columns=["episode_index", *keys])
+    root, files = data_files(meta, data_args, episodes, episode_table(meta, episodes))  # downloaded if not local
+    for path in files:
+        table = pq.read_table(root / path, columns=["episode_index", *keys])
         episode_index = table["episode_index"].to_numpy()
         for key in keys:
-            column = table[key].combine_chunks()
-            values = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
+            values = column_values(table[key].combine_chunks(), feature_dim(meta, key))
             rows = ~np.isfinite(values).all(axis=1)
             bad[key].update(int(e) for e in np.unique(episode_index[rows]) if int(e) in wanted)
     for key, found in bad.items():
@@ -135,6 +135,8 @@ def check_videos(meta, camera_keys: list[str], episodes: list[int]) -> None:
             if end > last_needed.get((key, path), (-1.0, -1))[0]:
                 last_needed[(key, path)] = (end, e)
     for (key, path), (end, e) in last_needed.items():
+        if not path.is_file():  # not downloaded yet: LeRobot fetches it, and the frame cache decodes all of it
+            continue
         problem = None
         try:
             with av.open(str(path)) as container:

@@ -213,14 +213,14 @@ def compute_stats(
 # --- the dataset side: which statistics, over which episodes, from which files ------------------------------------
 
 
-def _episode_table(meta, episodes: list[int]) -> dict[str, np.ndarray]:
+def episode_table(meta, episodes: list[int]) -> dict[str, np.ndarray]:
     columns = ["episode_index", "length", "data/chunk_index", "data/file_index"]
     table = meta.episodes.select_columns(columns).with_format("numpy")[:]
     keep = np.isin(table["episode_index"], episodes)
     return {name: np.asarray(table[name])[keep] for name in columns}
 
 
-def _data_files(meta, data_args: DataArguments, episodes: list[int], table: dict) -> tuple[Path, list[str]]:
+def data_files(meta, data_args: DataArguments, episodes: list[int], table: dict) -> tuple[Path, list[str]]:
     """The dataset root and the data files holding ``episodes``, downloaded (without videos) when not local."""
     pairs = sorted({(int(c), int(f)) for c, f in zip(table["data/chunk_index"], table["data/file_index"], strict=True)})
     files = [meta.data_path.format(chunk_index=c, file_index=f) for c, f in pairs]
@@ -241,19 +241,25 @@ def _data_files(meta, data_args: DataArguments, episodes: list[int], table: dict
 
 def _read_feature(paths: list[Path], key: str, dim: int, episodes: np.ndarray) -> Batches:
     """Passes over ``key``'s values in the rows of ``episodes``, one parquet record batch at a time."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     def batches() -> Iterator[np.ndarray]:
         for path in paths:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 16, columns=[key, "episode_index"]):
                 keep = np.isin(batch.column("episode_index").to_numpy(), episodes)
-                values = batch.column(key)
-                while pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type):  # (n, *shape)
-                    values = values.flatten()
-                yield values.to_numpy(zero_copy_only=False).reshape(batch.num_rows, dim)[keep]
+                yield column_values(batch.column(key), dim)[keep]
 
     return batches
+
+
+def column_values(column, dim: int) -> np.ndarray:
+    """A parquet column of (possibly nested) lists as a ``(rows, dim)`` array."""
+    import pyarrow as pa
+
+    values = column
+    while pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type):  # (n, *shape)
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False).reshape(len(column), dim)
 
 
 def _write_to_dataset(root: Path, computed: dict[str, dict]) -> None:
@@ -362,7 +368,7 @@ def norm_stats_entry(
         else:
             entry[name] = stored
     _check_given(meta, given, features, norm_mode, data_args.norm_stats_path)
-    table = _episode_table(meta, episodes)
+    table = episode_table(meta, episodes)
     num_frames = int(table["length"].sum())
     if reasons:
         if not episodes or not num_frames:
@@ -398,7 +404,7 @@ def _cached_stats(meta, data_args, episodes, table, reasons: dict[str, str], mem
     """The statistics of each feature in ``reasons``: read from the cache, or computed and cached (under its lock)."""
     from filelock import FileLock
 
-    root, files = _data_files(meta, data_args, episodes, table)
+    root, files = data_files(meta, data_args, episodes, table)
     cache_dir = Path(data_args.stats_cache_dir).expanduser() if data_args.stats_cache_dir else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     base = {

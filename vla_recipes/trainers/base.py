@@ -91,11 +91,15 @@ class VLATrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.args.world_size > 1:  # every process stops at this step; the others would wait in the next all-reduce
+            finite = self.accelerator.gather(finite)
+        if not finite.all():
             last = checkpointing.last_complete_checkpoint(self.args.output_dir)
             kept = f"the last good checkpoint is {str(last)!r}" if last else "no checkpoint was saved before it"
+            value = loss.item() if not torch.isfinite(loss) else "not finite on another process"
             raise NonFiniteError(
-                f"the training loss is {loss.item()} at step {self.state.global_step + 1}; stopped, nothing saved "
+                f"the training loss is {value} at step {self.state.global_step + 1}; stopped, nothing saved "
                 f"after it ({kept}); look for NaN/inf in the data, or lower learning_rate before resuming"
             )
         return loss
