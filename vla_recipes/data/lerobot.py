@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from vla_recipes.configs import DataArguments, RecipeError, parse_episodes
 from vla_recipes.data.frame_cache import FrameResize, open_frame_cache
-from vla_recipes.data.state_selection import state_selection
+from vla_recipes.data.state_selection import feature_dim, state_selection
 from vla_recipes.data.stats import column_values, data_files, episode_table, norm_stats_entry
 
 
@@ -152,10 +152,6 @@ def check_videos(meta, camera_keys: list[str], episodes: list[int]) -> None:
                 f"video {str(path)!r} ({key}, episode {e}) is corrupt or truncated: {problem}; download or "
                 "encode it again, or leave the episodes in it out (train_episodes / eval_episodes)"
             )
-
-
-def feature_dim(meta, key: str) -> int:
-    return int(np.prod(meta.features[key]["shape"]))
 
 
 def check_episodes(meta, name: str, episodes: list[int]) -> None:

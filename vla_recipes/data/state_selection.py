@@ -13,6 +13,11 @@ import numpy as np
 from vla_recipes.configs import DataArguments, RecipeError, parse_episodes
 
 
+def feature_dim(meta, key: str) -> int:
+    """Flat size of a dataset feature (its values as a vector)."""
+    return int(np.prod(meta.features[key]["shape"]))
+
+
 def state_selection(meta, data_args: DataArguments) -> list[int] | None:
     """The state dims the model sees, in order (None: every dim), checked against the dataset's state feature."""
     if data_args.state_indices is None:
@@ -20,7 +25,7 @@ def state_selection(meta, data_args: DataArguments) -> list[int] | None:
     if data_args.state_key is None:
         raise RecipeError("state_indices selects dims of the state, but state_key is None (no state)")
     indices = parse_episodes(data_args.state_indices, what="state_indices:")
-    dim = int(np.prod(meta.features[data_args.state_key]["shape"]))
+    dim = feature_dim(meta, data_args.state_key)
     if not indices:
         raise RecipeError("state_indices selects no dim; drop it to use the whole state")
     if bad := [i for i in indices if not 0 <= i < dim]:

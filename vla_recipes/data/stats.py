@@ -32,7 +32,7 @@ import numpy as np
 from vla_recipes.configs import DataArguments, RecipeError
 from vla_recipes.data.cache_keys import cache_root, entry_stem, file_identity, info_sha256, sha256
 from vla_recipes.data.normalize import REQUIRED_STATS
-from vla_recipes.data.state_selection import state_selection
+from vla_recipes.data.state_selection import feature_dim, state_selection
 
 logger = logging.getLogger("vla_recipes.stats")
 
@@ -392,7 +392,7 @@ def _check_given(meta, given: dict, features: dict[str, str], norm_mode: str, pa
                 f"norm_mode={norm_mode!r} needs {', '.join(missing)} for {key!r}, which norm_stats_path {path!r} "
                 "lacks; give a file that has them, or drop norm_stats_path to compute them from the dataset"
             )
-        dim, dims = int(np.prod(meta.features[key]["shape"])), {len(v) for v in stats.values()}
+        dim, dims = feature_dim(meta, key), {len(v) for v in stats.values()}
         if dims != {dim}:
             raise RecipeError(
                 f"norm_stats_path {path!r} holds {'/'.join(map(str, sorted(dims)))}-dim statistics for {key!r}, "
@@ -426,7 +426,7 @@ def _cached_stats(meta, data_args, episodes, table, reasons: dict[str, str], mem
                 out[key] = json.loads(path.read_text())["stats"]
                 reused.append(key)
                 continue
-            dim = int(np.prod(meta.features[key]["shape"]))
+            dim = feature_dim(meta, key)
             accumulator = make_accumulator(num_frames, dim, memory_budget, bins)
             reader = _read_feature([root / f for f in files], key, dim, np.asarray(episodes))
             with tqdm(total=num_frames * accumulator.passes, unit="frame", desc=f"norm stats of {key}") as bar:
