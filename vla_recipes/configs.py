@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import enum
 import json
+import logging
 import sys
 import types
 import typing
@@ -25,6 +26,8 @@ from trl import TrlParser
 from vla_recipes.data.normalize import NORM_MODES
 
 FinetuneMode = Literal["full", "lora", "qlora", "expert_only"]
+
+logger = logging.getLogger(__name__)
 
 
 class RecipeError(ValueError):
@@ -165,6 +168,13 @@ class DataArguments:
     def __post_init__(self) -> None:
         if self.dataset_repo_id is None:
             raise RecipeError("dataset_repo_id is required (a LeRobot dataset repo id; dataset_root for a local copy)")
+        if self.camera_keys is not None and not self.camera_keys:
+            raise RecipeError(
+                "camera_keys is empty: list the cameras the model sees (e.g. [observation.images.image]), or drop "
+                "the key for the dataset's first camera"
+            )
+        if self.camera_keys is not None and len(set(self.camera_keys)) < len(self.camera_keys):
+            raise RecipeError(f"camera_keys lists a camera twice: {self.camera_keys}")
         if self.action_horizon < 1:
             raise RecipeError(f"action_horizon must be >= 1, got {self.action_horizon}")
         if self.norm_mode is not None and self.norm_mode not in NORM_MODES:
@@ -190,7 +200,31 @@ class VLATrainingArguments(TrainingArguments):
         resume = self.resume_from_checkpoint
         if isinstance(resume, str) and resume.lower() in ("true", "false"):
             self.resume_from_checkpoint = True if resume.lower() == "true" else None
+        self._check_schedule()
         super().__post_init__()
+
+    def _check_schedule(self) -> None:
+        """Values transformers accepts but trains wrongly with (``max_steps: 0`` runs one step at lr 0 and saves an
+        untrained model; ``save_steps: 0`` saves no checkpoint) or fails on deep inside the trainer with a traceback
+        (a zero batch size, ``ZeroDivisionError`` for zero accumulation steps, a negative learning rate)."""
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise RecipeError(
+                f"max_steps={self.max_steps} trains nothing: set max_steps >= 1, or -1 to train num_train_epochs"
+            )
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise RecipeError(f"num_train_epochs={self.num_train_epochs} trains nothing: set it > 0 (or max_steps)")
+        if self.save_strategy == "steps" and self.save_steps <= 0:
+            raise RecipeError(
+                f"save_steps={self.save_steps} with save_strategy: steps saves no checkpoint: set save_steps >= 1 "
+                '(or a fraction of the run in (0, 1)), or save_strategy: "no"'
+            )
+        if self.learning_rate < 0:
+            raise RecipeError(f"learning_rate={self.learning_rate} is negative: gradient ascent; give it > 0")
+        if self.learning_rate == 0:
+            logger.warning("learning_rate is 0: the weights will not change; the saved model is the one loaded")
 
 
 def check_output_dir(args: VLATrainingArguments) -> None:
@@ -304,6 +338,62 @@ def check_yaml_types(recipe: dict, source: str) -> None:
             )
 
 
+class _NoDuplicateKeysLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise RecipeError(
+                    f"recipe file {self.name!r}: {key!r} is given twice (lines {seen[key]} and {line}); keep one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_recipe_yaml(path: str | Path) -> dict:
+    """A recipe file as a mapping: one line naming the file for an unreadable file, invalid YAML, a key given
+    twice or a document that is not a mapping."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise RecipeError(f"recipe file {str(path)!r} cannot be read: {e.strerror}") from e
+    loader = _NoDuplicateKeysLoader(text)
+    loader.name = str(path)
+    try:
+        recipe = loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from e
+    finally:
+        loader.dispose()
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"recipe file {str(path)!r} must be a mapping of recipe keys to values")
+    return recipe
+
+
+def _join_negative_values(args: list[str]) -> list[str]:
+    """``--learning_rate -1e-3`` -> ``--learning_rate=-1e-3``: argparse reads a negative number in exponent form as
+    an option and reports "expected one argument"; joined, the value reaches the recipe's own checks."""
+    out: list[str] = []
+    for arg in args:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-") and _is_number(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class _RecipeParser(TrlParser):
     """TrlParser whose argparse errors (``--max_steps ten``) are one RecipeError line, not a usage screen."""
 
@@ -315,18 +405,10 @@ def parse_recipe(
     args: Sequence[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, VLATrainingArguments]:
     """Parse ``--config recipe.yaml`` plus CLI overrides into the three argument dataclasses."""
-    args = list(sys.argv[1:] if args is None else args)
+    args = _join_negative_values(list(sys.argv[1:] if args is None else args))
     if "--config" in args:
         path = args[args.index("--config") + 1]
-        try:
-            recipe = yaml.safe_load(Path(path).read_text())
-        except OSError as e:
-            raise RecipeError(f"recipe file {path!r} cannot be read: {e.strerror}") from e
-        except yaml.YAMLError as e:
-            raise RecipeError(f"recipe file {path!r} is not valid YAML: {' '.join(str(e).split())}") from e
-        if not isinstance(recipe, dict):
-            raise RecipeError(f"recipe file {path!r} must be a mapping of recipe keys to values")
-        check_yaml_types(recipe, f"recipe file {path!r}")
+        check_yaml_types(load_recipe_yaml(path), f"recipe file {path!r}")
     parser = _RecipeParser(RECIPE_DATACLASSES, allow_abbrev=False)  # a typo must not pass as a prefix
     *parsed, from_yaml, from_cli = parser.parse_args_and_config(
         args, return_remaining_strings=True, separate_remaining_strings=True
