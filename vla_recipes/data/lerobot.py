@@ -14,6 +14,7 @@ dataset's fps; steps past the episode's end repeat its last action and are flagg
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,18 @@ import torch
 from torch.utils.data import Dataset
 
 from vla_recipes.configs import DataArguments, RecipeError, parse_episodes
+from vla_recipes.data.dataset_files import damaged_metadata, fetch_missing
 from vla_recipes.data.frame_cache import FrameResize, open_frame_cache
 from vla_recipes.data.state_selection import feature_dim, state_selection
 from vla_recipes.data.stats import column_values, data_files, episode_table, norm_stats_entry
+
+logger = logging.getLogger(__name__)
 
 
 def load_metadata(data_args: DataArguments):
     """The dataset's ``LeRobotDatasetMetadata`` (info, stats, episodes): cheap, no frames loaded."""
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+    from lerobot.utils.constants import HF_LEROBOT_HOME
 
     root = data_args.dataset_root
     if root is not None and not (Path(root) / "meta" / "info.json").is_file():
@@ -39,7 +44,9 @@ def load_metadata(data_args: DataArguments):
     try:
         return LeRobotDatasetMetadata(data_args.dataset_repo_id, root=root, revision=data_args.dataset_revision)
     except Exception as e:
-        if (error := _metadata_error(e, data_args)) is None:
+        # A local copy with a missing or corrupt metadata file: name it (LeRobot tries the Hub, or fails to parse).
+        local = Path(root) if root is not None else HF_LEROBOT_HOME / data_args.dataset_repo_id
+        if (error := damaged_metadata(local, data_args.dataset_repo_id) or _metadata_error(e, data_args)) is None:
             raise
         raise error from None
 
@@ -90,8 +97,10 @@ def resolve_camera_keys(meta, data_args: DataArguments) -> list[str]:
 
 
 def check_episode_data(meta, data_args: DataArguments, episodes: list[int]) -> None:
-    """Fail before training on episodes shorter than an action chunk, or with NaN/inf actions or states (reads the
-    parquet columns of the run's episodes: no video)."""
+    """Fail before training on episodes shorter than an action chunk, with NaN/inf actions or states, or with an
+    empty task (reads the parquet columns of the run's episodes: no video); names a data file that is missing and
+    cannot be downloaded, or is corrupt."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     horizon = data_args.action_horizon
@@ -105,10 +114,20 @@ def check_episode_data(meta, data_args: DataArguments, episodes: list[int]) -> N
     keys = [k for k in (data_args.action_key, data_args.state_key) if k is not None]
     wanted = set(episodes)
     bad: dict[str, set[int]] = {key: set() for key in keys}
-    root, files = data_files(meta, data_args, episodes, episode_table(meta, episodes))  # downloaded if not local
+    tasks: dict[int, set[int]] = {}  # task_index -> the run's episodes using it
+    root, files = data_files(meta, data_args, episode_table(meta, episodes))  # downloaded if not local
     for path in files:
-        table = pq.read_table(root / path, columns=["episode_index", *keys])
+        try:
+            table = pq.read_table(root / path, columns=["episode_index", "task_index", *keys])
+        except (pa.ArrowException, OSError) as e:
+            raise RecipeError(
+                f"data file {str(root / path)!r} is corrupt or truncated ({' '.join(str(e).split())}); restore it or "
+                "download the dataset again, or leave the episodes in it out (train_episodes / eval_episodes)"
+            ) from None
         episode_index = table["episode_index"].to_numpy()
+        for e, t in {(int(e), int(t)) for e, t in zip(episode_index, table["task_index"].to_numpy(), strict=True)}:
+            if e in wanted:
+                tasks.setdefault(t, set()).add(e)
         for key in keys:
             values = column_values(table[key].combine_chunks(), feature_dim(meta, key))
             rows = ~np.isfinite(values).all(axis=1)
@@ -120,11 +139,27 @@ def check_episode_data(meta, data_args: DataArguments, episodes: list[int]) -> N
                 f"{key!r} has NaN or inf values in episodes {listed[:10]}{' ...' if len(listed) > 10 else ''}; "
                 "fix the dataset or leave those episodes out (train_episodes / eval_episodes)"
             )
+    check_tasks(meta, tasks)
 
 
-def check_videos(meta, camera_keys: list[str], episodes: list[int]) -> None:
-    """Fail before training when a video file the run reads cannot be opened or ends before an episode's last frame
-    (a truncated download, a corrupt file): one seek and a few frames per file, naming the file and the episode."""
+def check_tasks(meta, tasks: dict[int, set[int]]) -> None:
+    """Refuse an empty task: a VLA is conditioned on the instruction, and a LeRobot dataset gives every episode
+    one, so an empty string is a broken conversion that would train the policy to act without one."""
+    names = {int(i): str(task) for task, i in meta.tasks["task_index"].items()}
+    for index, episodes in sorted(tasks.items()):
+        if not names.get(index, "").strip():
+            listed = sorted(episodes)
+            raise RecipeError(
+                f"task_index {index} of meta/tasks.parquet is {'missing' if index not in names else 'empty'}, and "
+                f"episodes {listed[:10]}{' ...' if len(listed) > 10 else ''} use it: write their instruction into "
+                "meta/tasks.parquet, or leave them out (train_episodes / eval_episodes)"
+            )
+
+
+def check_videos(meta, data_args: DataArguments, camera_keys: list[str], episodes: list[int]) -> None:
+    """Fail before training when a video file the run reads is missing and cannot be downloaded, cannot be opened or
+    ends before an episode's last frame (a truncated download, a corrupt file): one seek and a few frames per file,
+    naming the file and the episode."""
     import av
 
     last_needed: dict[tuple[str, Path], tuple[float, int]] = {}  # (camera, file) -> (latest frame time, episode)
@@ -134,9 +169,10 @@ def check_videos(meta, camera_keys: list[str], episodes: list[int]) -> None:
             end = float(meta.episodes[e][f"videos/{key}/to_timestamp"]) - 1 / meta.fps
             if end > last_needed.get((key, path), (-1.0, -1))[0]:
                 last_needed[(key, path)] = (end, e)
+    files = sorted({str(path.relative_to(meta.root)) for _, path in last_needed})
+    root = fetch_missing(meta, data_args, files, "video file")  # a Hub copy: fetched now
     for (key, path), (end, e) in last_needed.items():
-        if not path.is_file():  # not downloaded yet: LeRobot fetches it, and the frame cache decodes all of it
-            continue
+        path = root / path.relative_to(meta.root)
         problem = None
         try:
             with av.open(str(path)) as container:
@@ -172,6 +208,14 @@ def episode_split(meta, data_args: DataArguments) -> tuple[list[int], list[int] 
     check_episodes(meta, "eval_episodes", eval_eps or [])
     if not train_eps:
         raise RecipeError("train_episodes selects no episode")
+    if shared := sorted(set(train_eps) & set(eval_eps or [])):
+        # A warning, not an error: evaluating on training episodes is a legitimate overfitting check.
+        logger.warning(
+            "train_episodes and eval_episodes share episodes %s%s: the eval metrics include training data and do "
+            "not measure generalisation; make the two disjoint for a held-out evaluation",
+            shared[:10],
+            " ..." if len(shared) > 10 else "",
+        )
     return train_eps, eval_eps
 
 

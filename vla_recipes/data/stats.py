@@ -31,6 +31,7 @@ import numpy as np
 
 from vla_recipes.configs import DataArguments, RecipeError
 from vla_recipes.data.cache_keys import cache_root, entry_stem, file_identity, info_sha256, sha256
+from vla_recipes.data.dataset_files import fetch_missing
 from vla_recipes.data.normalize import REQUIRED_STATS
 from vla_recipes.data.state_selection import feature_dim, state_selection
 
@@ -220,23 +221,11 @@ def episode_table(meta, episodes: list[int]) -> dict[str, np.ndarray]:
     return {name: np.asarray(table[name])[keep] for name in columns}
 
 
-def data_files(meta, data_args: DataArguments, episodes: list[int], table: dict) -> tuple[Path, list[str]]:
+def data_files(meta, data_args: DataArguments, table: dict) -> tuple[Path, list[str]]:
     """The dataset root and the data files holding ``episodes``, downloaded (without videos) when not local."""
     pairs = sorted({(int(c), int(f)) for c, f in zip(table["data/chunk_index"], table["data/file_index"], strict=True)})
     files = [meta.data_path.format(chunk_index=c, file_index=f) for c, f in pairs]
-    root = Path(meta.root)
-    if not all((root / name).is_file() for name in files):
-        from lerobot.datasets.lerobot_dataset import LeRobotDataset
-
-        dataset = LeRobotDataset(  # LeRobot's own download of the episodes' data files
-            data_args.dataset_repo_id,
-            root=data_args.dataset_root,
-            revision=data_args.dataset_revision,
-            episodes=episodes,
-            download_videos=False,
-        )
-        root = Path(dataset.root)
-    return root, files
+    return fetch_missing(meta, data_args, files, "data file"), files
 
 
 def _read_feature(paths: list[Path], key: str, dim: int, episodes: np.ndarray) -> Batches:
@@ -404,7 +393,7 @@ def _cached_stats(meta, data_args, episodes, table, reasons: dict[str, str], mem
     """The statistics of each feature in ``reasons``: read from the cache, or computed and cached (under its lock)."""
     from filelock import FileLock
 
-    root, files = data_files(meta, data_args, episodes, table)
+    root, files = data_files(meta, data_args, table)
     cache_dir = Path(data_args.stats_cache_dir).expanduser() if data_args.stats_cache_dir else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     base = {
