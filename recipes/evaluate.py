@@ -27,12 +27,12 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch
-import yaml
-from transformers import AutoModel, AutoProcessor, HfArgumentParser
+from transformers import AutoConfig, AutoModel, AutoProcessor, HfArgumentParser
 
-from vla_recipes.configs import DataArguments, RecipeError, parse_episodes
+from vla_recipes.configs import DataArguments, RecipeError, load_recipe_yaml, parse_episodes
 from vla_recipes.data.frame_cache import frame_resize_for
 from vla_recipes.data.lerobot import VLADataset, check_episodes, load_metadata
+from vla_recipes.data.state_selection import feature_dim
 from vla_recipes.evaluation import (
     OPEN_LOOP_TASK,
     default_output_dir,
@@ -62,13 +62,46 @@ def parse_args(args: list[str] | None = None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     argv = sys.argv[1:] if args is None else args
     if "--config" in argv:
-        path = Path(argv[argv.index("--config") + 1])
-        if not path.is_file():
-            raise RecipeError(f"recipe file {str(path)!r} cannot be read")
-        recipe = yaml.safe_load(path.read_text()) or {}
+        recipe = load_recipe_yaml(argv[argv.index("--config") + 1])
         parser.set_defaults(**{f.name: recipe[f.name] for f in fields(DataArguments) if f.name in recipe})
     data_args, cli = parser.parse_args_into_dataclasses(argv)
     return data_args, cli
+
+
+def model_config(model: str):
+    """The saved model's config (cheap: no weights), or one line when ``--model`` is neither a folder here nor a
+    model the Hub gives."""
+    if Path(model).exists() and not Path(model).is_dir():
+        raise RecipeError(f"--model {model!r} is a file; give the output folder of a run (or a Hub id)")
+    try:
+        return AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        where = "is not a folder here, and not a model the Hub gives"
+        raise RecipeError(f"--model {model!r} {where} ({' '.join(str(e).split())[:200]}); check the path") from None
+
+
+def check_model_fits_dataset(config, meta, data_args: DataArguments) -> None:
+    """The model's cameras, action and state dims must be the dataset's: otherwise every frame would be predicted
+    before the comparison fails (or, for the state, the model would read other dims than it was trained on)."""
+    missing = [k for k in config.camera_keys if k not in meta.camera_keys]
+    if missing:
+        cameras = meta.camera_keys
+        raise RecipeError(f"the model's camera_keys {missing} are not cameras of the dataset; it has {cameras}")
+    action_dim = feature_dim(meta, data_args.action_key)
+    if action_dim != config.action_dim:
+        raise RecipeError(
+            f"the dataset's {data_args.action_key!r} has {action_dim} dims but the model predicts {config.action_dim}: "
+            "evaluate on the dataset the model was trained on (or one with its action space), or set action_key"
+        )
+    state_dim, key = getattr(config, "state_dim", None), data_args.state_key
+    if state_dim is not None and key is not None:
+        have, indices = feature_dim(meta, key), getattr(config, "state_indices", None)
+        if not (max(indices) < have if indices else have == state_dim):
+            raise RecipeError(
+                f"the dataset's {key!r} has {have} dims, not the state the model was trained on ({state_dim} dims"
+                f"{f', indices up to {max(indices)}' if indices else ''}): evaluate on a dataset with the model's "
+                "state, or set state_key"
+            )
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -76,17 +109,14 @@ def main(args: list[str] | None = None) -> dict:
     episodes = parse_episodes(cli.episodes or data_args.eval_episodes)
     if not episodes:
         raise RecipeError("no episodes to evaluate: pass --episodes (e.g. 40:50) or set eval_episodes in the recipe")
+    config = model_config(cli.model)
     meta = load_metadata(data_args)
     check_episodes(meta, "--episodes" if cli.episodes else "eval_episodes", episodes)
+    check_model_fits_dataset(config, meta, data_args)
     out = Path(cli.output_dir) if cli.output_dir else default_output_dir(cli.model)
 
-    model = AutoModel.from_pretrained(cli.model).to(cli.device).eval()
+    model = AutoModel.from_pretrained(cli.model, config=config).to(cli.device).eval()
     processor = AutoProcessor.from_pretrained(cli.model)
-    missing = [k for k in model.config.camera_keys if k not in meta.camera_keys]
-    if missing:
-        raise RecipeError(
-            f"the model's camera_keys {missing} are not cameras of the dataset; it has {meta.camera_keys}"
-        )
     data_args.action_horizon = model.config.action_horizon  # compare whole predicted chunks
     data_args.state_indices = getattr(model.config, "state_indices", data_args.state_indices)  # the state it saw
     dataset = VLADataset(

@@ -53,7 +53,7 @@ def main(args: list[str] | None = None) -> None:
     camera_keys = resolve_camera_keys(meta, data_args)
     state_indices = state_selection(meta, data_args)  # the state dims the model sees (None: every dim)
     train_episodes, eval_episodes = episode_split(meta, data_args)
-    check_episode_data(meta, data_args, train_episodes + (eval_episodes or []))  # chunk length, NaN/inf
+    tasks = check_episode_data(meta, data_args, train_episodes + (eval_episodes or []))  # chunk length, NaN/inf
     check_videos(meta, data_args, camera_keys, train_episodes + (eval_episodes or []))  # unreadable or truncated files
     action_dim = feature_dim(meta, data_args.action_key)
     norm_mode = data_args.norm_mode or family.default_norm_mode(config)
@@ -68,8 +68,9 @@ def main(args: list[str] | None = None) -> None:
     )  # fmt: skip
 
     check_push_to_hub(training_args)  # a run that cannot push fails now, not after training
+    processor = family.build_processor(config, model_args)
+    family.check_prompts(processor, config, tasks)  # every task's prompt fits the model's sequence
     model = load_model(model_args, config, family.model_class, training_args.output_dir)
-    processor = family.build_processor(model.config, model_args)
     model = apply_finetune_mode(
         model, model_args, training_args.gradient_checkpointing, modules_to_save=family.modules_to_save(model)
     )

@@ -69,6 +69,15 @@ class Family:
         """``processor`` outputs for ``VLADataset`` samples, as a user would call it at inference."""
         raise NotImplementedError
 
+    def check_prompts(self, processor, config: PretrainedConfig, tasks: list[str]) -> None:
+        """Refuse, before the weights load, a task whose prompt does not fit the model's sequence."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _too_long(task: str, tokens: int, limit: str, fix: str) -> RecipeError:
+        shown = task if len(task) <= 60 else f"{task[:57]}..."
+        return RecipeError(f"the prompt of the dataset task {shown!r} takes {tokens} tokens, more than {limit}; {fix}")
+
 
 class OpenVLAFamily(Family):
     model_type = "openvla"
@@ -105,6 +114,19 @@ class OpenVLAFamily(Family):
 
     def inference_inputs(self, processor, samples: list[dict]) -> dict:
         return processor(images=[s["images"][0] for s in samples], text=[s["task"] for s in samples])
+
+    def check_prompts(self, processor, config, tasks: list[str]) -> None:
+        """The sequence is BOS, the image patches, the prompt, the action tokens and EOS: past the language model's
+        ``max_position_embeddings``, its rotary positions are ones it was never trained on."""
+        from vla_recipes.models.openvla.processing_openvla import build_prompt
+
+        positions = config.text_config.max_position_embeddings
+        fixed = config.num_patches + config.action_horizon * config.action_dim + 1  # + the EOS
+        for task in tasks:
+            tokens = len(processor.tokenizer(build_prompt(task))["input_ids"]) + fixed
+            if tokens > positions:
+                limit = f"the language model's max_position_embeddings={positions} (with the image and actions)"
+                raise self._too_long(task, tokens, limit, "shorten the task, or lower action_horizon")
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
         from vla_recipes.data.collators import OpenVLADataCollator
@@ -202,6 +224,21 @@ class Pi05Family(Family):
     def inference_inputs(self, processor, samples: list[dict]) -> dict:
         state = torch.stack([s["state"] for s in samples])
         return processor(images=[s["images"] for s in samples], text=[s["task"] for s in samples], state=state)
+
+    def check_prompts(self, processor, config, tasks: list[str]) -> None:
+        """The processor refuses a prompt over ``tokenizer_max_length`` (cut, it would lose the state and the
+        "Action:" suffix); here every task is tried with the longest state text (three digits per dim)."""
+        import numpy as np
+
+        from vla_recipes.models.pi05.processing_pi05 import pi05_prompt
+
+        bins = np.full(config.state_dim or 0, 255)
+        for task in tasks:
+            prompt = pi05_prompt(task, bins) if processor.pi05 else f"{task}\n"
+            tokens = len(processor.tokenizer(prompt)["input_ids"])
+            if tokens > processor.max_length:
+                limit = f"the model's tokenizer_max_length={processor.max_length}"
+                raise self._too_long(task, tokens, limit, "shorten the task, or raise tokenizer_max_length")
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
         from vla_recipes.data.collators import FlowMatchingDataCollator

@@ -157,8 +157,11 @@ def build_camera_cache(dataset, camera: str, resize: FrameResize | None, cache_d
     path = cache_dir / f"{stem}.npy"
     with FileLock(str(cache_dir / f"{stem}.lock")):
         if path.is_file():
-            logger.info("frame cache: reusing %s for %s", path, camera)
-            return path
+            if (problem := _entry_problem(path, key["shape"])) is None:
+                logger.info("frame cache: reusing %s for %s", path, camera)
+                return path
+            logger.warning("frame cache: %s (%s) is corrupt: %s; rebuilding it", path, camera, problem)
+            path.unlink()
         size = int(np.prod(key["shape"]))
         free = shutil.disk_usage(cache_dir).free
         if free < size + FREE_DISK_MARGIN:
@@ -182,6 +185,19 @@ def build_camera_cache(dataset, camera: str, resize: FrameResize | None, cache_d
             tmp.unlink(missing_ok=True)
         logger.info("frame cache: wrote %s for %s (%.2f GiB)", path, camera, size / 2**30)
     return path
+
+
+def _entry_problem(path: Path, shape: list[int]) -> str | None:
+    """What is wrong with a cache entry on disk (None: it maps with the expected shape and dtype). Entries are
+    written whole and renamed into place, so this catches what happens to them afterwards: a truncated copy, a
+    full disk, a stray edit. Its content is not hashed (that would read gigabytes per run)."""
+    try:
+        frames = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        return " ".join(str(e).split()) or type(e).__name__
+    if frames.dtype != np.uint8 or list(frames.shape) != list(shape):
+        return f"it holds {frames.dtype} {list(frames.shape)}, expected uint8 {list(shape)}"
+    return None
 
 
 def _decode_into(

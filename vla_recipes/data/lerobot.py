@@ -96,10 +96,10 @@ def resolve_camera_keys(meta, data_args: DataArguments) -> list[str]:
     return camera_keys
 
 
-def check_episode_data(meta, data_args: DataArguments, episodes: list[int]) -> None:
+def check_episode_data(meta, data_args: DataArguments, episodes: list[int]) -> list[str]:
     """Fail before training on episodes shorter than an action chunk, with NaN/inf actions or states, or with an
     empty task (reads the parquet columns of the run's episodes: no video); names a data file that is missing and
-    cannot be downloaded, or is corrupt."""
+    cannot be downloaded, or is corrupt. Returns the tasks of those episodes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -139,10 +139,10 @@ def check_episode_data(meta, data_args: DataArguments, episodes: list[int]) -> N
                 f"{key!r} has NaN or inf values in episodes {listed[:10]}{' ...' if len(listed) > 10 else ''}; "
                 "fix the dataset or leave those episodes out (train_episodes / eval_episodes)"
             )
-    check_tasks(meta, tasks)
+    return check_tasks(meta, tasks)
 
 
-def check_tasks(meta, tasks: dict[int, set[int]]) -> None:
+def check_tasks(meta, tasks: dict[int, set[int]]) -> list[str]:
     """Refuse an empty task: a VLA is conditioned on the instruction, and a LeRobot dataset gives every episode
     one, so an empty string is a broken conversion that would train the policy to act without one."""
     names = {int(i): str(task) for task, i in meta.tasks["task_index"].items()}
@@ -154,6 +154,7 @@ def check_tasks(meta, tasks: dict[int, set[int]]) -> None:
                 f"episodes {listed[:10]}{' ...' if len(listed) > 10 else ''} use it: write their instruction into "
                 "meta/tasks.parquet, or leave them out (train_episodes / eval_episodes)"
             )
+    return [names[index] for index in sorted(tasks)]
 
 
 def check_videos(meta, data_args: DataArguments, camera_keys: list[str], episodes: list[int]) -> None:

@@ -411,11 +411,13 @@ def _cached_stats(meta, data_args, episodes, table, reasons: dict[str, str], mem
     with FileLock(cache_dir / _LOCK_NAME):
         for key in reasons:
             path = cache_dir / f"{entry_stem({**base, 'feature': key})}.json"
-            if path.is_file():
-                out[key] = json.loads(path.read_text())["stats"]
-                reused.append(key)
-                continue
             dim = feature_dim(meta, key)
+            if path.is_file():
+                if (cached := _read_entry(path, dim)) is not None:
+                    out[key] = cached
+                    reused.append(key)
+                    continue
+                logger.warning("norm stats: the cache entry %s of %r is corrupt; computing it again", path, key)
             accumulator = make_accumulator(num_frames, dim, memory_budget, bins)
             reader = _read_feature([root / f for f in files], key, dim, np.asarray(episodes))
             with tqdm(total=num_frames * accumulator.passes, unit="frame", desc=f"norm stats of {key}") as bar:
@@ -460,6 +462,17 @@ def _cached_stats(meta, data_args, episodes, table, reasons: dict[str, str], mem
     if data_args.write_stats_to_dataset:
         logger.info("norm stats: wrote the statistics of %s into %s", ", ".join(out), root / "meta" / "stats.json")
     return out
+
+
+def _read_entry(path: Path, dim: int) -> dict[str, list[float]] | None:
+    """A cache entry's statistics, or None when the file is not a complete entry of ``dim``-dim statistics (a
+    truncated or edited file: it is then computed again and replaced, not reused on every run)."""
+    try:
+        stats = json.loads(path.read_text())["stats"]
+        values = np.asarray([stats[name] for name in STAT_NAMES], dtype=np.float64)
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+    return stats if values.shape == (len(STAT_NAMES), dim) and np.isfinite(values).all() else None
 
 
 def action_stats_markdown(norm_stats: dict | None) -> str:

@@ -229,6 +229,7 @@ class OpenVLAForActionPrediction(AdapterFolderMixin, PreTrainedModel):
         the shifted cross-entropy over labels != -100, summed and divided by ``num_items_in_batch`` when given
         (so gradient accumulation equals one big batch), else averaged."""
         embeds, mask = self._multimodal_inputs(input_ids, attention_mask, pixel_values)
+        self._check_positions(embeds.shape[1])
         kwargs.setdefault("use_cache", False)
         outputs = self.language_model(inputs_embeds=embeds, attention_mask=mask, **kwargs)
         loss = None
@@ -263,6 +264,7 @@ class OpenVLAForActionPrediction(AdapterFolderMixin, PreTrainedModel):
         embeds = embeds.gather(1, order.unsqueeze(-1).expand_as(embeds))
         mask = mask.gather(1, order)
         n_tokens = self.config.action_horizon * self.config.action_dim
+        self._check_positions(embeds.shape[1] + n_tokens)
         kwargs = {
             "max_new_tokens": n_tokens,
             "min_new_tokens": n_tokens,
@@ -272,6 +274,16 @@ class OpenVLAForActionPrediction(AdapterFolderMixin, PreTrainedModel):
         }
         generated = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
         return generated[:, -n_tokens:]
+
+    def _check_positions(self, length: int) -> None:
+        """Refuse a sequence (image patches, prompt, actions) longer than the language model's positions: RoPE
+        would run on positions it was never trained on and give actions without a sign of trouble."""
+        limit = self.config.text_config.max_position_embeddings
+        if length > limit:
+            raise ValueError(
+                f"the sequence is {length} tokens (image patches, prompt and action tokens), more than the language "
+                f"model's max_position_embeddings={limit}; shorten the instruction"
+            )
 
     def predict_action(
         self,

@@ -16,6 +16,7 @@ from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 
+from ..input_checks import check_batch, check_image_values, check_tasks
 from .configuration_openvla import OpenVLAConfig
 
 DINOV2_MEAN, DINOV2_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -28,8 +29,9 @@ def build_prompt(instruction: str) -> str:
     return f"In: What action should the robot take to {instruction.lower()}?\nOut: "
 
 
-def to_pil(image: Any) -> Image.Image:
-    """PIL, numpy HWC (uint8 or float in [0, 1]) or torch CHW (uint8 or float in [0, 1]) -> RGB PIL image."""
+def to_pil(image: Any, index: int = 0) -> Image.Image:
+    """PIL, numpy HWC (uint8 or float in [0, 1]) or torch CHW (uint8 or float in [0, 1]) -> RGB PIL image;
+    ``index`` names the image of a batch in errors (NaN, or a float image outside [0, 1])."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, torch.Tensor):
@@ -40,6 +42,7 @@ def to_pil(image: Any) -> Image.Image:
             f"expected one RGB image (PIL, numpy HWC, torch CHW) per sample; got an array of shape {array.shape}"
         )
     if np.issubdtype(array.dtype, np.floating):
+        check_image_values(array, index)
         array = np.clip(np.round(array * 255.0), 0, 255)
     return Image.fromarray(array.astype(np.uint8))
 
@@ -81,11 +84,13 @@ class OpenVLAImageProcessor(BaseImageProcessor):
         )
 
     def preprocess(self, images: Any, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
-        pixel_values = torch.stack([self._one(image) for image in as_image_list(images)])
+        images = as_image_list(images)
+        check_batch(len(images))
+        pixel_values = torch.stack([self._one(image, i) for i, image in enumerate(images)])
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
 
-    def _one(self, image: Any) -> torch.Tensor:
-        resized = to_pil(image).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+    def _one(self, image: Any, index: int) -> torch.Tensor:
+        resized = to_pil(image, index).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
         mean, std = torch.tensor(self.means), torch.tensor(self.stds)
         return torch.cat([(pixels - m[:, None, None]) / s[:, None, None] for m, s in zip(mean, std, strict=True)])
@@ -103,6 +108,7 @@ class OpenVLAProcessor(ProcessorMixin):
         if images is None or text is None:
             raise ValueError("OpenVLAProcessor needs images= and text= (the instruction, one per image)")
         instructions = [text] if isinstance(text, str) else list(text)
+        check_tasks(instructions)
         pixel_values = self.image_processor(images)["pixel_values"]
         if len(instructions) != pixel_values.shape[0]:
             raise ValueError(f"got {pixel_values.shape[0]} images for {len(instructions)} instructions; pass one each")

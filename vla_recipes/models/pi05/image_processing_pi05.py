@@ -16,12 +16,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
+from ..input_checks import check_batch, check_image_values
+
 ImageLike = Any  # torch.Tensor, np.ndarray or PIL.Image; float in [0, 1] or uint8; CHW or HWC
 
 
-def to_float_chw(image: ImageLike) -> Tensor:
-    """One image as float32 [3, H, W] in [0, 1]: uint8 is divided by 255, float is taken as already in [0, 1]."""
+def to_float_chw(image: ImageLike, index: int = 0) -> Tensor:
+    """One image as float32 [3, H, W] in [0, 1]: uint8 is divided by 255, float is taken as already in [0, 1] (and
+    refused outside it, or with NaN; ``index`` names the image of a batch in that error)."""
     tensor = image.cpu() if isinstance(image, Tensor) else torch.from_numpy(np.array(image))
+    check_image_values(tensor, index)
     if tensor.ndim != 3 or 3 not in (tensor.shape[0], tensor.shape[-1]):
         raise ValueError(f"expected an RGB image [3, H, W] or [H, W, 3], got shape {tuple(tensor.shape)}")
     if tensor.shape[0] != 3:
@@ -68,6 +72,7 @@ class Pi05ImageProcessor(BaseImageProcessor):
             counts = {key: len(samples) for key, samples in per_camera.items()}
             raise ValueError(f"cameras hold different numbers of images: {counts}")
         batch = sizes.pop()
+        check_batch(batch)
         size = self.image_size
         pixel_values = torch.full((batch, len(self.camera_keys), 3, size, size), -1.0)
         image_masks = torch.zeros(batch, len(self.camera_keys), dtype=torch.bool)
@@ -76,7 +81,7 @@ class Pi05ImageProcessor(BaseImageProcessor):
             present = [i for i, image in enumerate(samples) if image is not None]
             if not present:
                 continue
-            chw = [to_float_chw(samples[i]) for i in present]
+            chw = [to_float_chw(samples[i], i) for i in present]
             shapes = {image.shape for image in chw}
             resized = (
                 resize_with_pad(torch.stack(chw), size)

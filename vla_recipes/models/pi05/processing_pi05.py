@@ -15,6 +15,7 @@ from transformers import BatchFeature, PreTrainedTokenizerBase
 from transformers.processing_utils import ProcessorMixin
 
 from ...data.normalize import Array, check_stats, normalize, select_stats
+from ..input_checks import check_state_values, check_tasks
 from .configuration_pi05 import Pi05Config
 from .image_processing_pi05 import Pi05ImageProcessor
 
@@ -75,17 +76,19 @@ class Pi05Processor(ProcessorMixin):
         if images is None or text is None or state is None:
             raise ValueError("Pi05Processor needs images=, text= and state= (one task and one state per sample)")
         tasks = [text] if isinstance(text, str) else list(text)
+        check_tasks(tasks)
         state = torch.as_tensor(np.asarray(state, dtype=np.float32)).reshape(len(tasks), -1)
+        check_state_values(state)
         state = self.normalize_feature(state, "proprio", unnorm_key)
         if self.pi05:
             bins = discretize_state(state.numpy())
             prompts = [pi05_prompt(task, row) for task, row in zip(tasks, bins, strict=True)]
         else:
             prompts = [task if task.endswith("\n") else f"{task}\n" for task in tasks]
+        self.check_prompt_lengths(prompts)
         tokens = self.tokenizer(
             prompts,
             max_length=self.max_length,
-            truncation=True,
             padding="max_length",
             padding_side="right",
             return_tensors="pt",
@@ -97,6 +100,17 @@ class Pi05Processor(ProcessorMixin):
         if not self.pi05:
             data["state"] = state
         return BatchFeature(data)
+
+    def check_prompt_lengths(self, prompts: list[str]) -> None:
+        """Refuse a prompt longer than ``max_length`` tokens: cut, it would lose the state and the "Action:" the
+        model acts on (or the end of the task), silently."""
+        lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
+        if (longest := max(lengths)) > self.max_length:
+            i = lengths.index(longest)
+            raise ValueError(
+                f"the prompt of sample {i} is {longest} tokens, more than the model's tokenizer_max_length="
+                f"{self.max_length} (its task has {len(prompts[i])} characters); shorten the task"
+            )
 
     def normalize_actions(self, actions: Array, unnorm_key: str | None = None) -> Array:
         """Dataset-unit actions [..., action_dim] -> what the model trains on (same type, dtype and device)."""
