@@ -109,7 +109,7 @@ class Pi05Processor(ProcessorMixin):
             i = lengths.index(longest)
             raise ValueError(
                 f"the prompt of sample {i} is {longest} tokens, more than the model's tokenizer_max_length="
-                f"{self.max_length} (its task has {len(prompts[i])} characters); shorten the task"
+                f"{self.max_length}; shorten the task"
             )
 
     def normalize_actions(self, actions: Array, unnorm_key: str | None = None) -> Array:
