@@ -316,6 +316,7 @@ def test_adapter_on_the_wrong_base_model(sft, tmp_path, dataset_root):
 
     import vla_recipes.finetuning
     from vla_recipes.configs import RecipeError
+    from vla_recipes.families import get_family
     from vla_recipes.models.adapters import AdapterBaseMismatchError
     from vla_recipes.models.openvla import OpenVLAForActionPrediction
     from vla_recipes.models.pi05 import Pi05ForActionPrediction
@@ -326,6 +327,7 @@ def test_adapter_on_the_wrong_base_model(sft, tmp_path, dataset_root):
     adapter = tmp_path / "adapter"
     get_peft_model(base, LoraConfig(r=4, target_modules=base.lora_target_modules())).save_pretrained(adapter)
     config.save_pretrained(adapter)
+    get_family("openvla").new_processor(config, None).save_pretrained(adapter)  # as a run's folder has (hub.py)
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = str(tmp_path / "base")  # built, not loaded: PEFT left it empty
     (adapter / "adapter_config.json").write_text(json.dumps(adapter_config))

@@ -44,9 +44,15 @@ def load_metadata(data_args: DataArguments):
     try:
         return LeRobotDatasetMetadata(data_args.dataset_repo_id, root=root, revision=data_args.dataset_revision)
     except Exception as e:
+        from lerobot.datasets.utils import BackwardCompatibilityError, ForwardCompatibilityError
+
         # A local copy with a missing or corrupt metadata file: name it (LeRobot tries the Hub, or fails to parse).
+        # Not for another format version, whose files differ (v2.1 has no meta/tasks.parquet): that error says so.
         local = Path(root) if root is not None else HF_LEROBOT_HOME / data_args.dataset_repo_id
-        if (error := damaged_metadata(local, data_args.dataset_repo_id) or _metadata_error(e, data_args)) is None:
+        damaged = None
+        if not isinstance(e, BackwardCompatibilityError | ForwardCompatibilityError):
+            damaged = damaged_metadata(local, data_args.dataset_repo_id)
+        if (error := damaged or _metadata_error(e, data_args)) is None:
             raise
         raise error from None
 
@@ -139,10 +145,10 @@ def check_episode_data(meta, data_args: DataArguments, episodes: list[int]) -> l
                 f"{key!r} has NaN or inf values in episodes {listed[:10]}{' ...' if len(listed) > 10 else ''}; "
                 "fix the dataset or leave those episodes out (train_episodes / eval_episodes)"
             )
-    return check_tasks(meta, tasks)
+    return check_episode_tasks(meta, tasks)
 
 
-def check_tasks(meta, tasks: dict[int, set[int]]) -> list[str]:
+def check_episode_tasks(meta, tasks: dict[int, set[int]]) -> list[str]:
     """Refuse an empty task: a VLA is conditioned on the instruction, and a LeRobot dataset gives every episode
     one, so an empty string is a broken conversion that would train the policy to act without one."""
     names = {int(i): str(task) for task, i in meta.tasks["task_index"].items()}
