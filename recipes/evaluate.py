@@ -76,8 +76,14 @@ def model_config(model: str):
     try:
         return AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as e:
-        where = "is not a folder here, and not a model the Hub gives"
-        raise RecipeError(f"--model {model!r} {where} ({' '.join(str(e).split())[:200]}); check the path") from None
+        from huggingface_hub import constants
+
+        offline = constants.HF_HUB_OFFLINE
+        why = "HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: no such repo, or no network"
+        raise RecipeError(
+            f"--model {model!r} is not a folder here, and not a model the Hub gives ({why}); give a run's output "
+            "folder or a Hub model id"
+        ) from None
 
 
 def check_model_fits_dataset(config, meta, data_args: DataArguments) -> None:
