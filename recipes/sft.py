@@ -54,7 +54,7 @@ def main(args: list[str] | None = None) -> None:
     state_indices = state_selection(meta, data_args)  # the state dims the model sees (None: every dim)
     train_episodes, eval_episodes = episode_split(meta, data_args)
     tasks = check_episode_data(meta, data_args, train_episodes + (eval_episodes or []))  # chunk length, NaN/inf
-    check_videos(meta, data_args, camera_keys, train_episodes + (eval_episodes or []))  # unreadable or truncated files
+    check_videos(meta, data_args, camera_keys, train_episodes + (eval_episodes or []))  # missing or corrupt files
     action_dim = feature_dim(meta, data_args.action_key)
     norm_mode = data_args.norm_mode or family.default_norm_mode(config)
     mask = data_args.action_norm_mask or (
