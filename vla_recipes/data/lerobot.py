@@ -151,7 +151,7 @@ def check_episode_data(meta, data_args: DataArguments, episodes: list[int]) -> l
 def check_episode_tasks(meta, tasks: dict[int, set[int]]) -> list[str]:
     """Refuse an empty task: a VLA is conditioned on the instruction, and a LeRobot dataset gives every episode
     one, so an empty string is a broken conversion that would train the policy to act without one."""
-    names = {int(i): str(task) for task, i in meta.tasks["task_index"].items()}
+    names = {int(i): str(task) for task, i in meta.tasks["task_index"].items()} if meta.tasks is not None else {}
     for index, episodes in sorted(tasks.items()):
         if not names.get(index, "").strip():
             listed = sorted(episodes)

@@ -222,7 +222,8 @@ def episode_table(meta, episodes: list[int]) -> dict[str, np.ndarray]:
 
 
 def data_files(meta, data_args: DataArguments, table: dict) -> tuple[Path, list[str]]:
-    """The dataset root and the data files holding ``episodes``, downloaded (without videos) when not local."""
+    """The dataset root and the data files of the episodes in ``table`` (``episode_table``), downloaded (without
+    videos) when not on disk."""
     pairs = sorted({(int(c), int(f)) for c, f in zip(table["data/chunk_index"], table["data/file_index"], strict=True)})
     files = [meta.data_path.format(chunk_index=c, file_index=f) for c, f in pairs]
     return fetch_missing(meta, data_args, files, "data file"), files
