@@ -269,6 +269,25 @@ def test_empty_image_batch_to_the_image_processors(processors):
             processor.image_processor([])
 
 
+def test_openvla_refuses_a_sequence_past_its_positions(processors):
+    """Image patches + prompt + action tokens past max_position_embeddings: RoPE positions it never trained on."""
+    from transformers import AutoConfig
+
+    from vla_recipes.models.openvla import OpenVLAForActionPrediction
+
+    demo = DEMOS["openvla"]["model_config"]
+    config = AutoConfig.for_model(**{**demo, "text_config": {**demo["text_config"], "max_position_embeddings": 96}})
+    config.action_dim, config.action_horizon = 7, 1
+    torch.manual_seed(0)
+    model = OpenVLAForActionPrediction(config).eval()
+    inputs = processors[0](images=[_image()], text=["pick"])  # 64 patches + 53 prompt tokens
+    message = "the sequence is 124 tokens (image patches, prompt and action tokens), more than the language model's"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        model.generate_action_ids(**inputs)
+    with pytest.raises(ValueError, match="max_position_embeddings=96; shorten the instruction"):
+        model(**inputs)
+
+
 # --- recipes/evaluate.py -----------------------------------------------------------------------------------------
 
 
