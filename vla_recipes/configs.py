@@ -211,9 +211,8 @@ class VLATrainingArguments(TrainingArguments):
             if getattr(self, name) < 1:
                 raise RecipeError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
-            raise RecipeError(
-                f"max_steps={self.max_steps} trains nothing: set max_steps >= 1, or -1 to train num_train_epochs"
-            )
+            what = "trains nothing" if self.max_steps == 0 else "is not a number of steps"
+            raise RecipeError(f"max_steps={self.max_steps} {what}: set max_steps >= 1, or -1 to train num_train_epochs")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             raise RecipeError(f"num_train_epochs={self.num_train_epochs} trains nothing: set it > 0 (or max_steps)")
         if self.save_strategy == "steps" and self.save_steps <= 0:
