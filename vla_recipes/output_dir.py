@@ -9,6 +9,7 @@ killed run never leaves it stuck. The file records who holds it (pid, host), for
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -27,7 +28,11 @@ logger = logging.getLogger(__name__)
 
 
 class OutputDirLock:
-    """``with OutputDirLock(output_dir):`` this process alone writes ``output_dir`` (created when missing)."""
+    """``with OutputDirLock(output_dir):`` this process alone writes ``output_dir`` (created when missing).
+
+    The lock file is deleted on release, while still locked: a process that opened it just before then finds,
+    once it gets the lock, that the path no longer names its file, and tries again on the new one.
+    """
 
     def __init__(self, output_dir: str | os.PathLike) -> None:
         self.folder = Path(output_dir)
@@ -35,25 +40,29 @@ class OutputDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            if not os.access(self.folder, os.W_OK):
-                raise PermissionError(13, "Permission denied")
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise RecipeError(
-                f"output_dir {str(self.folder)!r} cannot be written ({e.strerror or e}); choose a folder you can "
-                "write, or fix its permissions"
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise RecipeError(
-                f"output_dir {str(self.folder)!r} is in use by another run ({holder}); wait for it to end, or choose "
-                "another output_dir"
-            ) from None
+        while True:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                if not os.access(self.folder, os.W_OK):
+                    raise PermissionError(13, "Permission denied")
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise RecipeError(
+                    f"output_dir {str(self.folder)!r} cannot be written ({e.strerror or e}); choose a folder you can "
+                    "write, or fix its permissions"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RecipeError(
+                    f"output_dir {str(self.folder)!r} is in use by another run ({holder}); wait for it to end, or "
+                    "choose another output_dir"
+                ) from None
+            if self.path.exists() and os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                break
+            os.close(fd)  # its holder deleted it on release: lock the file now at that path
         os.ftruncate(fd, 0)
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode())
@@ -61,6 +70,7 @@ class OutputDirLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            self.path.unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -71,6 +81,16 @@ class OutputDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def missing_ancestors(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, deepest first (what a failed start must not leave)."""
+    missing = []
+    for path in (folder.absolute(), *folder.absolute().parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
 
 
 def previous_content(output_dir: str | os.PathLike) -> list[Path]:
@@ -121,7 +141,7 @@ def claim_output_dir(args) -> Iterator[OutputDirClaim]:
     processes; the others stop with its error). A start that fails before training removes what it wrote into a
     folder that was empty (e.g. a random-init ``base_model/``), so the rerun is not refused."""
     is_main = args.process_index == 0
-    lock, error = OutputDirLock(args.output_dir), None
+    lock, error, created = OutputDirLock(args.output_dir), None, missing_ancestors(Path(args.output_dir))
     if is_main:
         try:
             lock.acquire()
@@ -133,14 +153,19 @@ def claim_output_dir(args) -> Iterator[OutputDirClaim]:
         shared = [error]
         torch.distributed.broadcast_object_list(shared, src=0)
         error = shared[0]
-    if error is not None:
-        raise RecipeError(error)
-    claim = OutputDirClaim(args, is_main)
+    claim = None if error else OutputDirClaim(args, is_main)
     try:
+        if error is not None:
+            raise RecipeError(error)
         yield claim
     except BaseException:
-        if is_main and claim.was_empty and not claim.training_started:
-            remove(previous_content(args.output_dir))
+        if is_main and (claim is None or (claim.was_empty and not claim.training_started)):
+            if claim is not None:
+                remove(previous_content(args.output_dir))  # still locked: nobody else's files
+            lock.release()
+            for folder in created:  # folders this run created, now empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         raise
     finally:
         lock.release()

@@ -124,7 +124,8 @@ class OpenVLAProcessor(ProcessorMixin):
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         config = OpenVLAConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        tokenizer.init_kwargs.pop("auto_map", None)  # points at prismatic's remote processor
+        for pointer in ("auto_map", "processor_class"):  # prismatic's remote processor, not in a folder we save
+            tokenizer.init_kwargs.pop(pointer, None)
         image_processor = OpenVLAImageProcessor.for_model(config)
         image_processor.means = published.get("means", image_processor.means)
         image_processor.stds = published.get("stds", image_processor.stds)
