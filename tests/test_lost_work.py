@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from test_convert_openvla import tiny_7b_layout_state_dict, write_openvla_folder
 
 from vla_recipes.configs import RUN_LOCK_NAME, RecipeError
+from vla_recipes.output_dir import OutputDirLock
 
 SFT = load_script("sft")
 
@@ -139,6 +140,24 @@ def test_two_runs_cannot_share_a_folder_and_a_killed_run_leaves_no_lock(tmp_path
     holder.join(timeout=60)
     train(tmp_path, dataset_root, out)  # the OS dropped its lock: not stuck
     assert (out / "model.safetensors").is_file() and not (out / RUN_LOCK_NAME).exists()  # released at the end
+
+
+@pytest.mark.slow
+def test_a_multi_process_run_takes_the_lock_once(tmp_path, dataset_root):
+    """2 CPU ranks: only the main process locks (no deadlock on its own lock); into a held folder every rank stops
+    with the main's one-line error instead of hanging in a collective."""
+    from cli import accelerate_launch
+
+    out = tmp_path / "out"
+    config = recipe(tmp_path, dataset_root, out, finetune_mode="lora", max_steps=2, per_device_train_batch_size=2)
+    launch = {"config": "multi_cpu.yaml", "timeout": 300, "env": {"OMP_NUM_THREADS": "1"}}
+    with OutputDirLock(out):
+        held = accelerate_launch("recipes/sft.py", "--config", config, **launch)
+    assert held.returncode != 0
+    assert held.stderr.count(f"error: output_dir {str(out)!r} is in use by another run (pid {os.getpid()} on ") == 2
+    free = accelerate_launch("recipes/sft.py", "--config", config, **launch)
+    assert free.returncode == 0, free.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").is_file() and not (out / RUN_LOCK_NAME).exists()
 
 
 def test_an_unwritable_output_dir_is_one_line(tmp_path, dataset_root):

@@ -7,6 +7,11 @@ from ``base_model_name_or_path``, the config from the folder, and the adapter is
 giving a plain model of the class for inference. Keep training an adapter with
 ``peft.PeftModel.from_pretrained(base, folder, is_trainable=True)`` instead.
 
+The recorded base is portable (see ``record_portable_base``): a Hub id, ``./<path>`` inside the adapter folder (a
+random-init base saved with it, found after ``mv`` and from any working directory), or an absolute local path,
+whose absence is one ``BaseModelNotFoundError`` line; ``from_pretrained(folder, base_model_name_or_path=...)``
+points at the base explicitly. An adapter repo on the Hub loads with its own config (the fine-tune's norm_stats).
+
 A base that is not the model the adapter was trained on (another architecture, other sizes) raises
 ``AdapterBaseMismatchError`` instead of loading with random weights or printing a screen-long report.
 This module is copied into saved folders for ``trust_remote_code`` loads, so it imports only transformers.
