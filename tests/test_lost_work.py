@@ -87,18 +87,18 @@ def test_resuming_another_runs_checkpoint_into_a_finished_run_is_refused(tmp_pat
     message = one_line(error)
     assert f"output_dir {str(finished)!r} holds another run" in message and "overwrite_output_dir" in message
     assert all(torch.equal(before[k], v) for k, v in weights(finished).items())
-    # Its own checkpoint continues it; another run's with overwrite_output_dir replaces it (nothing stale left).
-    train(tmp_path, dataset_root, finished, "--resume_from_checkpoint", str(finished / "checkpoint-2"))
+    # With overwrite_output_dir, another run's checkpoint replaces it (nothing stale left). (Its own checkpoints
+    # continue it: test_resume.py::test_resume_flag_from_the_command_line.)
     train(tmp_path, dataset_root, finished, "--resume_from_checkpoint", str(other / "checkpoint-2"),
           "--overwrite_output_dir", "true", "--max_steps", "5", seed=1)  # fmt: skip
     assert sorted(p.name for p in finished.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
 
 
 def test_overwrite_leaves_nothing_stale_and_resume_names_its_checkpoint(tmp_path, dataset_root, caplog):
-    out = train(tmp_path, dataset_root, tmp_path / "out", max_steps=6)
-    assert (out / "checkpoint-6").is_dir()
+    out = train(tmp_path, dataset_root, tmp_path / "out", max_steps=4)
+    assert (out / "checkpoint-4").is_dir()
     train(tmp_path, dataset_root, out, "--overwrite_output_dir", "true", max_steps=3)
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # before: -6 too
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # before: -4 too
     shutil.rmtree(out / "checkpoint-3")  # preempted after its step-2 save
     caplog.set_level(logging.INFO)
     # A requeue keeps overwrite_output_dir from the recipe: resuming wins, nothing is deleted.
