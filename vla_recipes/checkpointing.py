@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers.trainer_utils import sort_checkpoints
 
-from vla_recipes.configs import RecipeError
+from vla_recipes.configs import RecipeError, parse_episodes
 
 COMPLETE_MARK = "checkpoint_complete.json"
 logger = logging.getLogger(__name__)
@@ -153,8 +153,6 @@ def check_optimizer_state(checkpoint: str | os.PathLike) -> None:
 
 def _same(key: str, old, new) -> bool:
     if key in ("train_episodes", "eval_episodes"):
-        from vla_recipes.configs import parse_episodes
-
         old, new = parse_episodes(old), parse_episodes(new)
     return json.dumps(old, default=str, sort_keys=True) == json.dumps(new, default=str, sort_keys=True)
 
