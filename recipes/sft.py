@@ -14,8 +14,8 @@ import sys
 import transformers
 from transformers import set_seed
 
-from vla_recipes.checkpointing import resolve_resume
-from vla_recipes.configs import RecipeError, check_output_dir, parse_recipe
+from vla_recipes.checkpointing import check_optimizer_state, check_resume_recipe, resolve_resume, run_recipe
+from vla_recipes.configs import RecipeError, parse_recipe
 from vla_recipes.data.frame_cache import frame_resize_for
 from vla_recipes.data.lerobot import (
     VLADataset,
@@ -30,8 +30,17 @@ from vla_recipes.data.lerobot import (
 from vla_recipes.data.state_selection import state_selection
 from vla_recipes.distributed import check_strategy, end_training, save_full_weights, use_fsdp_blocks
 from vla_recipes.families import get_family
-from vla_recipes.finetuning import ADAPTER_MODES, apply_finetune_mode, check_finetune_mode, load_config, load_model
+from vla_recipes.finetuning import (
+    ADAPTER_MODES,
+    apply_finetune_mode,
+    check_finetune_mode,
+    check_lora_targets,
+    check_model_type,
+    load_config,
+    load_model,
+)
 from vla_recipes.hub import check_push_to_hub, save_for_inference
+from vla_recipes.output_dir import OutputDirClaim, claim_output_dir
 
 logger = logging.getLogger("vla_recipes.sft")
 
@@ -41,13 +50,23 @@ def main(args: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
+    # One run at a time in output_dir (a lock the OS drops with the process); a failed start leaves nothing there.
+    with claim_output_dir(training_args) as claim:
+        train(model_args, data_args, training_args, claim)
 
-    # Checks first: recipe, dataset features, statistics. Nothing heavy has been loaded yet.
-    check_output_dir(training_args)
+
+def train(model_args, data_args, training_args, claim: OutputDirClaim) -> None:
+    # Checks first: recipe, resume, dataset features, statistics. Nothing heavy has been loaded yet.
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     config = load_config(model_args)
+    check_model_type(model_args, config)
+    recipe = run_recipe(model_args, data_args, training_args, config.model_type)
+    if resume is not None:
+        check_optimizer_state(resume)
+        check_resume_recipe(resume, recipe)  # another model, other batches or data: before any weight loads
     family = get_family(config.model_type)
     check_finetune_mode(model_args, family.supported_modes)
+    check_lora_targets(model_args, config, family.model_class)
     check_strategy(model_args, training_args)  # what the accelerate config (DDP / FSDP / ZeRO) cannot run
     meta = load_metadata(data_args)
     camera_keys = resolve_camera_keys(meta, data_args)
@@ -70,6 +89,7 @@ def main(args: list[str] | None = None) -> None:
     check_push_to_hub(training_args)  # a run that cannot push fails now, not after training
     processor = family.build_processor(config, model_args)
     family.check_prompts(processor, config, tasks)  # every task's prompt fits the model's sequence
+    claim.replace_previous_run(resume)  # overwrite_output_dir: the previous run goes, checkpoints included
     model = load_model(model_args, config, family.model_class, training_args.output_dir)
     model = apply_finetune_mode(
         model, model_args, training_args.gradient_checkpointing, modules_to_save=family.modules_to_save(model)
@@ -105,6 +125,8 @@ def main(args: list[str] | None = None) -> None:
         len(eval_episodes or []),
         norm_mode,
     )
+    trainer.recipe = recipe
+    claim.training_started = True
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
     trainer.log_metrics("train", result.metrics)

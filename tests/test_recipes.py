@@ -132,7 +132,7 @@ def test_pi05_recipes_use_openpi_hyperparameters(path: Path) -> None:
 @pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
 def test_openvla_libero_recipes_use_the_papers_settings(mode: str) -> None:
     model_args, data_args, args = parse(ROOT / f"recipes/openvla/libero_spatial/{mode}.yaml")
-    assert model_args.model_name_or_path == "checkpoints/openvla-7b"  # openvla/openvla-7b converted (README)
+    assert model_args.model_name_or_path == "openvla/openvla-7b"  # the published checkpoint, loaded as it is
     assert model_args.finetune_mode == mode and data_args.image_augmentation and data_args.action_horizon == 1
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 16
     if mode != "full":  # OpenVLA's LoRA fine-tunes: r 32, alpha min(r, 16), dropout 0, lr 5e-4 constant

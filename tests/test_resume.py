@@ -69,15 +69,17 @@ def test_resume_errors_name_what_was_found_and_the_fix(tmp_path):
 @pytest.mark.parametrize(
     ("value", "expected"), [("true", True), ("True", True), ("false", None), ("out/c-3", "out/c-3")]
 )
-def test_resume_flag_from_the_command_line(tmp_path, value, expected):
-    args = VLATrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint=value)
+def test_resume_flag_from_the_command_line(tmp_path, monkeypatch, value, expected):
+    monkeypatch.chdir(tmp_path)
+    args = VLATrainingArguments(output_dir="out", resume_from_checkpoint=value)
     assert args.resume_from_checkpoint == expected
-    (tmp_path / "trainer_state.json").write_text("{}")  # a previous run's folder
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "trainer_state.json").write_text("{}")  # a previous run's folder
     if expected is None:
         with pytest.raises(RecipeError, match="exists and is not empty"):
             check_output_dir(args)
     else:
-        check_output_dir(args)  # resuming writes into it
+        check_output_dir(args)  # resuming it (out/c-3 is one of its checkpoints) writes into it
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(dataset_root):

@@ -10,6 +10,7 @@ folder, and unmarked ones are deleted before the next save.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -17,9 +18,10 @@ from pathlib import Path
 
 from transformers.trainer_utils import sort_checkpoints
 
-from vla_recipes.configs import RecipeError
+from vla_recipes.configs import RecipeError, parse_episodes
 
 COMPLETE_MARK = "checkpoint_complete.json"
+logger = logging.getLogger(__name__)
 
 
 def is_complete(checkpoint: str | os.PathLike) -> bool:
@@ -87,3 +89,119 @@ def resolve_resume(value: str | bool | None, output_dir: str | os.PathLike) -> s
             f"while saving it, or it was not written by vla-recipes); {hint}"
         )
     return str(path)
+
+
+# ---------------------------------------------------------------- what a resume restores, and what it cannot
+
+RECIPE_NAME = "recipe.json"  # the run's recipe, written into every checkpoint so that a resume can compare
+# Recipe keys whose change makes the checkpoint another model: its weights would not load (or load wrongly).
+MODEL_KEYS = ("model_type", "model_config", "finetune_mode", "lora_r", "lora_alpha", "lora_target_modules")
+# Keys whose change alters the run: another base (or the same one moved: hence allowed on request), or other
+# samples at each step, so that the resumed run can no longer equal an uninterrupted one.
+EXACTNESS_KEYS = (
+    "model_name_or_path", "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "seed",
+    "data_seed", "dataset_repo_id", "train_episodes", "camera_keys", "action_horizon", "image_augmentation",
+)  # fmt: skip
+# Keys a resume accepts as transformers does, but whose effect is not what the new value suggests: warned.
+SCHEDULE_KEYS = (
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "max_steps",
+    "num_train_epochs", "eval_episodes",
+)  # fmt: skip
+
+
+def run_recipe(model_args, data_args, training_args, model_type: str) -> dict:
+    """The flat recipe a checkpoint records: every argument, the model's family and the number of processes."""
+    return {
+        **training_args.to_dict(),
+        **vars(model_args),
+        **vars(data_args),
+        "model_type": model_type,
+        "world_size": training_args.world_size,
+    }
+
+
+def write_recipe(checkpoint: str | os.PathLike, recipe: dict) -> None:
+    (Path(checkpoint) / RECIPE_NAME).write_text(json.dumps(recipe, indent=2, default=str))
+
+
+def checkpoint_step(checkpoint: str | os.PathLike) -> int | None:
+    """The global step a complete checkpoint was written at (from its completion mark)."""
+    mark = Path(checkpoint) / COMPLETE_MARK
+    return json.loads(mark.read_text()).get("global_step") if mark.is_file() else None
+
+
+def check_optimizer_state(checkpoint: str | os.PathLike) -> None:
+    """Refuse a checkpoint without its optimizer or LR scheduler state: transformers would silently start AdamW's
+    moments and the LR schedule afresh at the checkpoint's step (FSDP and DeepSpeed keep theirs in folders)."""
+    folder = Path(checkpoint)
+    sharded = any(folder.glob("optimizer_*")) or any(folder.glob("global_step*"))
+    missing = [
+        name
+        for name, present in (
+            ("optimizer.pt", sharded or (folder / "optimizer.pt").is_file() or (folder / "optimizer.bin").is_file()),
+            ("scheduler.pt", any(folder.glob("global_step*")) or (folder / "scheduler.pt").is_file()),
+        )
+        if not present
+    ]
+    if missing:
+        raise RecipeError(
+            f"resume_from_checkpoint: {str(folder)!r} has no {' or '.join(missing)}: resuming would restart the "
+            "optimizer and the LR schedule from scratch; resume from a checkpoint that has them, or start a new run "
+            "from its weights (model_name_or_path) without resume_from_checkpoint"
+        )
+
+
+def _same(key: str, old, new) -> bool:
+    if key in ("train_episodes", "eval_episodes"):
+        old, new = parse_episodes(old), parse_episodes(new)
+    return json.dumps(old, default=str, sort_keys=True) == json.dumps(new, default=str, sort_keys=True)
+
+
+def _changes(recorded: dict, recipe: dict, keys: tuple[str, ...]) -> list[str]:
+    return [
+        f"{key} {recorded[key]!r} -> {recipe[key]!r}"
+        for key in keys
+        if key in recorded and key in recipe and not _same(key, recorded[key], recipe[key])
+    ]
+
+
+def check_resume_recipe(checkpoint: str | os.PathLike, recipe: dict) -> None:
+    """Compare this run's recipe with the one the checkpoint recorded, before any weight is loaded.
+
+    Another model (family, sizes, fine-tuning mode): refused, its weights do not fit (or fit wrongly). Another
+    base path, batch geometry, process count, seed or training data: refused unless ``resume_allow_changes``,
+    because the restored data position then points at other samples. Learning rate, schedule, max_steps/epochs,
+    eval episodes: transformers' semantics are kept (the optimizer and scheduler states are restored, so the old
+    learning rate goes on; a new max_steps stretches the schedule) and a warning says so.
+    """
+    path = Path(checkpoint) / RECIPE_NAME
+    if not path.is_file():
+        logger.warning("%s has no %s (older version): changes to the recipe are not checked", checkpoint, RECIPE_NAME)
+        return
+    recorded = json.loads(path.read_text())
+    where = f"resume_from_checkpoint: {str(checkpoint)!r}"
+    if changed := _changes(recorded, recipe, MODEL_KEYS):
+        raise RecipeError(
+            f"{where} is a checkpoint of another model ({'; '.join(changed)}); resume it with the recipe that wrote "
+            "it, or drop resume_from_checkpoint to start a new run"
+        )
+    if changed := _changes(recorded, recipe, EXACTNESS_KEYS):
+        if not recipe.get("resume_allow_changes"):
+            raise RecipeError(
+                f"{where} was trained with another base, data or batches ({'; '.join(changed)}): the resumed run "
+                "would not continue it exactly; resume with the checkpoint's values, or set resume_allow_changes: "
+                "true to continue anyway"
+            )
+        logger.warning(
+            "%s: resuming with %s (resume_allow_changes): the data order differs from an uninterrupted run",
+            where,
+            "; ".join(changed),
+        )
+    if changed := _changes(recorded, recipe, SCHEDULE_KEYS):
+        logger.warning(
+            "%s: %s; the checkpoint's optimizer and LR scheduler are restored (transformers' resume), so the learning "
+            "rate continues the checkpoint's schedule and a new max_steps/epochs changes only its length; to train "
+            "with new values from these weights, start a new run from them without resume_from_checkpoint",
+            where,
+            "; ".join(changed),
+        )

@@ -41,6 +41,13 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Pretrained model: Hub id or local folder (e.g. openvla/openvla-7b)."}
     )
+    model_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "The model family this recipe is written for (openvla, pi05): a model_name_or_path of another "
+            "family is refused instead of silently training it. Default: the family of whatever model is named."
+        },
+    )
     model_config: dict | str | None = field(
         default=None,
         metadata={
@@ -83,6 +90,10 @@ class ModelArguments:
             raise RecipeError("set exactly one of model_name_or_path (pretrained) or model_config (random init)")
         if self.model_config is not None and "model_type" not in self.model_config:
             raise RecipeError("model_config needs a `model_type` key (openvla or pi05)")
+        if self.model_config is not None and self.model_type not in (None, self.model_config["model_type"]):
+            raise RecipeError(
+                f"model_type: {self.model_type!r} but model_config has model_type {self.model_config['model_type']!r}"
+            )
 
 
 @dataclass
@@ -192,7 +203,18 @@ class VLATrainingArguments(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     report_to: str | list[str] = field(default="none", metadata={"help": "tensorboard, wandb, ... or none."})
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace a non-empty output_dir that is not being resumed."}
+        default=False,
+        metadata={
+            "help": "Replace a non-empty output_dir: its previous content (checkpoints included) is deleted before "
+            "training, unless this run resumes one of its checkpoints."
+        },
+    )
+    resume_allow_changes: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume although the batch size, gradient accumulation, number of processes, seed or training data "
+            "differ from the checkpoint's recipe (the run then no longer equals an uninterrupted one)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -226,14 +248,41 @@ class VLATrainingArguments(TrainingArguments):
             logger.warning("learning_rate is 0: the weights will not change; the saved model is the one loaded")
 
 
+# The lock file a run holds in its output_dir (see ``output_dir.OutputDirLock``). A leading "_" keeps it out of
+# Hub pushes (transformers' ``ignore_patterns``) and it does not make a folder count as non-empty.
+RUN_LOCK_NAME = "_run.lock"
+
+
+def inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (symlinks and ``..`` resolved)."""
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
 def check_output_dir(args: VLATrainingArguments) -> None:
-    """Refuse to write over a previous run's folder unless asked to (or resuming it)."""
+    """Refuse to write over a previous run's folder unless asked to.
+
+    A non-empty ``output_dir`` is taken only to continue the run it holds (``resume_from_checkpoint: true`` or a
+    checkpoint inside it) or with ``overwrite_output_dir: true``. Resuming a checkpoint that lives elsewhere writes
+    a new run into ``output_dir``, so it needs an empty folder or ``overwrite_output_dir`` like any new run.
+    """
     out = Path(args.output_dir)
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir and not args.resume_from_checkpoint:
+    if not out.is_dir() or args.overwrite_output_dir:
+        return
+    if not any(entry.name != RUN_LOCK_NAME for entry in out.iterdir()):
+        return
+    resume = args.resume_from_checkpoint
+    if resume is True or (isinstance(resume, str) and inside(resume, out)):
+        return
+    if resume:
         raise RecipeError(
-            f"output_dir {str(out)!r} exists and is not empty; set overwrite_output_dir: true to replace it "
-            "or resume_from_checkpoint: true to continue it"
+            f"output_dir {str(out)!r} holds another run and resume_from_checkpoint {resume!r} is not one of its "
+            "checkpoints: resuming it here would overwrite that run; choose an empty output_dir, or set "
+            "overwrite_output_dir: true to replace it"
         )
+    raise RecipeError(
+        f"output_dir {str(out)!r} exists and is not empty; set overwrite_output_dir: true to replace it "
+        "or resume_from_checkpoint: true to continue it"
+    )
 
 
 def parse_episodes(spec: Sequence[str | int] | str | None, what: str = "episode spec") -> list[int] | None:

@@ -95,6 +95,14 @@ class OpenVLAFamily(Family):
         """OpenVLA's EEF_POS mask: every dim but the last (the gripper) is normalised."""
         return [True] * (action_dim - 1) + [False]
 
+    def build_processor(self, config, model_args):
+        """Ours, also from the published openvla/openvla-7b layout (whose processor files name remote code)."""
+        if model_args.model_name_or_path is None:
+            return self.new_processor(config, model_args.tokenizer_name_or_path)
+        from vla_recipes.models.openvla import OpenVLAProcessor
+
+        return OpenVLAProcessor.from_pretrained(model_args.model_name_or_path)
+
     def new_processor(self, config, tokenizer_name_or_path):
         from vla_recipes.models.char_tokenizer import build_llama_like_tokenizer
         from vla_recipes.models.openvla import OpenVLAImageProcessor, OpenVLAProcessor

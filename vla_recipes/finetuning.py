@@ -57,6 +57,42 @@ def check_finetune_mode(model_args: ModelArguments, supported_modes: tuple[str, 
         raise RecipeError("finetune_mode='qlora' needs bitsandbytes: pip install 'bitsandbytes>=0.46'")
 
 
+def check_model_type(model_args: ModelArguments, config: PretrainedConfig) -> None:
+    """A recipe written for one family (``model_type``) refuses a model of another, e.g. a pi0.5 adapter folder
+    given to an OpenVLA recipe, which would otherwise train pi0.5 with OpenVLA's settings."""
+    if model_args.model_type is not None and config.model_type != model_args.model_type:
+        raise RecipeError(
+            f"model_name_or_path={model_args.model_name_or_path!r} is a {config.model_type} model (its config.json), "
+            f"but this recipe is for {model_args.model_type} (model_type: {model_args.model_type}); use a "
+            f"{config.model_type} recipe, or a {model_args.model_type} model"
+        )
+
+
+def check_lora_targets(
+    model_args: ModelArguments, config: PretrainedConfig, model_class: type[PreTrainedModel]
+) -> None:
+    """``lora_target_modules`` must name modules of this model: checked on a weightless (meta-device) copy before
+    anything is loaded or written, instead of PEFT's traceback after the base was saved."""
+    targets = model_args.lora_target_modules
+    if model_args.finetune_mode not in ADAPTER_MODES or not targets or targets in ("all-linear", ["all-linear"]):
+        return
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    with torch.device("meta"):
+        model = model_class(config)
+    lora = LoraConfig(target_modules=targets)
+    names = [name for name, _ in model.named_modules() if name]
+    if any(check_target_module_exists(lora, name) for name in names):
+        return
+    linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    raise RecipeError(
+        f"lora_target_modules={targets!r} match no module of this {config.model_type} model; name some of its linear "
+        f"layers ({', '.join(linears[:12])}{', ...' if len(linears) > 12 else ''}), use 'all-linear', or leave it "
+        "unset for the model's own choice"
+    )
+
+
 def torch_dtype(model_args: ModelArguments) -> torch.dtype | str | None:
     if model_args.dtype in (None, "auto"):
         return model_args.dtype

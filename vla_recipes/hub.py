@@ -2,8 +2,9 @@
 
 For LoRA/QLoRA runs the folder holds the adapter plus a ``config.json`` carrying the fine-tune's
 norm stats; ``AutoModel.from_pretrained(folder)`` loads the base named in ``adapter_config.json``
-with that config and applies the adapter. ``merge_adapters: true`` also writes a merged, standalone
-model to ``<output_dir>/merged``.
+with that config and applies the adapter. That name is made portable at save: a Hub id stays one, a
+random-init base saved inside the folder is ``./base_model``, another local base an absolute path.
+``merge_adapters: true`` also writes a merged, standalone model to ``<output_dir>/merged``.
 
 ``push_to_hub`` / ``hub_model_id`` / ``hub_private_repo`` / ``hub_strategy`` are transformers'
 TrainingArguments and behave as there (the Trainer creates the repo and pushes checkpoints); the
@@ -21,6 +22,7 @@ import yaml
 
 from vla_recipes.configs import RecipeError
 from vla_recipes.data.stats import action_stats_markdown
+from vla_recipes.models.adapters import record_portable_base
 from vla_recipes.remote_code import write_remote_code
 
 USAGE = """\
@@ -210,6 +212,7 @@ def save_for_inference(trainer, model_args) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     if hasattr(model, "get_base_model"):  # PEFT: keep the fine-tune's config (norm stats) beside the adapter
         model.get_base_model().config.save_pretrained(out)
+        record_portable_base(out)  # a Hub id, ./base_model inside the folder, or an absolute local path
         if model_args.merge_adapters:
             merged = model.merge_and_unload()
             merged.save_pretrained(out / "merged")

@@ -9,6 +9,7 @@ multi-process CPU run) and stops on a non-finite loss before anything is saved a
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import defaultdict
@@ -20,6 +21,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vla_recipes import checkpointing
 from vla_recipes.configs import RecipeError
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(RecipeError):
@@ -73,7 +76,13 @@ class _Throughput(TrainerCallback):
 
 
 class VLATrainer(Trainer):
-    """Subclasses implement :meth:`compute_metrics_from_outputs`; everything else is shared."""
+    """Subclasses implement :meth:`compute_metrics_from_outputs`; everything else is shared.
+
+    ``recipe``: the run's arguments (``checkpointing.run_recipe``), written into every checkpoint as
+    ``recipe.json`` so that a resume can tell what changed since.
+    """
+
+    recipe: dict | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -85,8 +94,13 @@ class VLATrainer(Trainer):
         self._flop_parameters: int | None = None
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """``resume_from_checkpoint=True`` is the newest *complete* checkpoint (transformers would take any)."""
+        """``resume_from_checkpoint=True`` is the newest *complete* checkpoint (transformers would take any); one
+        without its optimizer or scheduler state is refused, and the one resumed is logged with its step."""
         resume = checkpointing.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if resume is not None:
+            checkpointing.check_optimizer_state(resume)
+            if self.is_world_process_zero():
+                logger.info("resuming from %s (global step %s)", resume, checkpointing.checkpoint_step(resume))
         return super().train(resume_from_checkpoint=resume, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -114,6 +128,8 @@ class VLATrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            if self.recipe is not None:
+                checkpointing.write_recipe(folder, self.recipe)
             checkpointing.mark_complete(folder, self.state.global_step)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:

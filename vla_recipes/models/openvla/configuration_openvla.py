@@ -125,6 +125,9 @@ class OpenVLAConfig(PreTrainedConfig):
         elif self.text_config is None:
             self.text_config = CONFIG_MAPPING["llama"](vocab_size=32000 + 64, pad_token_id=32000)
         super().__post_init__(**kwargs)
+        # openvla-7b's config.json points at its prismatic remote code: a folder saved from this config has ours.
+        if any("prismatic" in str(ref) for ref in (getattr(self, "auto_map", None) or {}).values()):
+            del self.auto_map
 
     def _timm_vit_config(self, index: int) -> dict[str, Any] | None:
         """The vision config derived from openvla's ``timm_model_ids`` (None when they are absent)."""

@@ -1,4 +1,5 @@
-"""Convert a downloaded openvla/openvla-7b folder into this package's format (no remote code needed).
+"""Convert a downloaded openvla/openvla-7b folder into this package's format (optional: ``model_name_or_path:
+openvla/openvla-7b`` loads the published checkpoint as it is, reading its config and processor files at load time).
 
     python -m vla_recipes.models.openvla.convert_openvla_checkpoint --input_dir openvla-7b --output_dir out
 
@@ -19,11 +20,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoTokenizer
 
 from .configuration_openvla import OpenVLAConfig
 from .modeling_openvla import OpenVLAForActionPrediction
-from .processing_openvla import OpenVLAImageProcessor, OpenVLAProcessor
+from .processing_openvla import OpenVLAProcessor
 
 # Fields of the prismatic config.json that point at its remote code or are rewritten on save.
 DROPPED_CONFIG_FIELDS = ("auto_map", "architectures", "model_type", "transformers_version")
@@ -75,19 +75,6 @@ def check_state_dict(input_dir: Path, files: list[str], expected: dict[str, tupl
         raise ValueError(f"{input_dir} does not match the OpenVLA layout of its config: " + "; ".join(problems[:20]))
 
 
-def build_processor(input_dir: Path, config: OpenVLAConfig) -> OpenVLAProcessor:
-    """Our processor with the checkpoint's tokenizer and normalisation (minus the remote-code pointers)."""
-    tokenizer = AutoTokenizer.from_pretrained(input_dir)
-    tokenizer.init_kwargs.pop("auto_map", None)  # points at prismatic's remote processor, absent here
-    image_processor = OpenVLAImageProcessor.for_model(config)
-    preprocessor_file = input_dir / "preprocessor_config.json"
-    if preprocessor_file.exists():
-        preprocessor = json.loads(preprocessor_file.read_text())
-        image_processor.means = preprocessor.get("means", image_processor.means)
-        image_processor.stds = preprocessor.get("stds", image_processor.stds)
-    return OpenVLAProcessor(image_processor, tokenizer)
-
-
 def convert(input_dir: str | Path, output_dir: str | Path) -> None:
     """Check everything first, then write config.json, the safetensors (same keys) and the processor files."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
@@ -96,7 +83,7 @@ def convert(input_dir: str | Path, output_dir: str | Path) -> None:
     config = convert_config(json.loads((input_dir / "config.json").read_text()))
     files = weight_files(input_dir)
     check_state_dict(input_dir, files, expected_shapes(config))
-    processor = build_processor(input_dir, config)
+    processor = OpenVLAProcessor.from_pretrained(input_dir)  # reads the published processor files
 
     output_dir.mkdir(parents=True, exist_ok=True)
     for name in files:  # one shard in memory at a time

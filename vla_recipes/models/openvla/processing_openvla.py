@@ -8,13 +8,16 @@ Every input kind goes through 8-bit PIL so that LeRobot's float frames (uint8 / 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import BatchFeature, ProcessorMixin
+from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
 
 from ..input_checks import check_batch, check_image_values, check_tasks
 from .configuration_openvla import OpenVLAConfig
@@ -96,11 +99,42 @@ class OpenVLAImageProcessor(BaseImageProcessor):
         return torch.cat([(pixels - m[:, None, None]) / s[:, None, None] for m, s in zip(mean, std, strict=True)])
 
 
+# openvla/openvla-7b as published: its processor files name prismatic's remote code (``PrismaticProcessor``).
+PUBLISHED_IMAGE_PROCESSOR = "PrismaticImageProcessor"
+
+
+def published_preprocessor_config(path: Any, **hub_kwargs: Any) -> dict | None:
+    """The ``preprocessor_config.json`` of a folder or Hub repo in the published openvla-7b layout, else None."""
+    lookup = {**hub_kwargs, "_raise_exceptions_for_missing_entries": False}
+    if cached_file(path, PROCESSOR_NAME, **lookup) is not None:
+        return None  # saved by this package
+    file = cached_file(path, IMAGE_PROCESSOR_NAME, **lookup)
+    config = json.loads(Path(file).read_text()) if file else {}
+    return config if config.get("image_processor_type") == PUBLISHED_IMAGE_PROCESSOR else None
+
+
 class OpenVLAProcessor(ProcessorMixin):
     """``processor(images=..., text=instructions)`` -> right-padded input_ids, attention_mask and pixel_values."""
 
     def __init__(self, image_processor: OpenVLAImageProcessor | None = None, tokenizer: Any = None, **kwargs: Any):
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> OpenVLAProcessor:
+        """Also reads the published openvla/openvla-7b layout as it is: its tokenizer, its image means/stds and the
+        image size of its config (no remote code, no conversion)."""
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+        published = published_preprocessor_config(pretrained_model_name_or_path, **hub_kwargs)
+        if published is None:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        config = OpenVLAConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        for pointer in ("auto_map", "processor_class"):  # prismatic's remote processor, not in a folder we save
+            tokenizer.init_kwargs.pop(pointer, None)
+        image_processor = OpenVLAImageProcessor.for_model(config)
+        image_processor.means = published.get("means", image_processor.means)
+        image_processor.stds = published.get("stds", image_processor.stds)
+        return cls(image_processor, tokenizer)
 
     def __call__(
         self, images: Any = None, text: str | list[str] | None = None, return_tensors: str = "pt", **kwargs: Any
