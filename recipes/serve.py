@@ -19,7 +19,7 @@ import os
 import sys
 
 import torch
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoProcessor
 
 import vla_recipes  # noqa: F401  (registers the models with the Auto classes)
 from vla_recipes.configs import RecipeError
@@ -71,13 +71,13 @@ def build_server(cli: argparse.Namespace) -> PolicyServer:
         key_map = parse_key_map(cli.key_map)
     except ValueError as e:
         raise RecipeError(str(e)) from None
+    try:  # from the config alone: a bad key map fails before the weights load
+        spec = ObservationSpec(AutoConfig.from_pretrained(cli.model), key_map, cli.default_prompt)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     dtype = DTYPES.get(cli.dtype, torch.bfloat16 if cli.device.startswith("cuda") else torch.float32)
     model = AutoModel.from_pretrained(cli.model, dtype=dtype).to(cli.device).eval()
     processor = AutoProcessor.from_pretrained(cli.model)
-    try:
-        spec = ObservationSpec(model.config, key_map, cli.default_prompt)
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
     return PolicyServer(
         ServedPolicy(model, processor, spec, seed=cli.seed),
         host=cli.host,

@@ -10,21 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
 import numpy as np
+import psutil
 import pytest
 import torch
 import websockets
-from cli import DEMOS
+from cli import DEMOS, ROOT, free_port, load_script, started
 from openpi_client import msgpack_numpy
 from openpi_client.action_chunk_broker import ActionChunkBroker
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from websockets.sync.client import connect
 
+from vla_recipes.configs import RecipeError
 from vla_recipes.serving import ObservationSpec, PolicyServer, ServedPolicy, seeded_noise
 
 CAMERAS = ("observation.images.image", "observation.images.wrist_image")
@@ -283,3 +288,54 @@ def test_api_key_is_checked_on_connect(models):
             assert refused.value.response.status_code == 401
         client = WebsocketClientPolicy("127.0.0.1", server.port, api_key="s3cret")
         assert client.infer(observation(0))["actions"].shape == (2, 7)
+
+
+def test_graceful_shutdown_answers_the_request_in_flight(models):
+    """On stop, a request still waiting for a batch partner is answered, then connections close with 1001."""
+    server = served(models["openvla"], max_batch=2, max_wait_ms=60_000)
+    with running(server), connect(f"ws://127.0.0.1:{server.port}") as robot:
+        robot.recv()
+        robot.send(msgpack_numpy.packb(observation(0)))
+        deadline = time.monotonic() + 60
+        while server.in_flight == 0 and time.monotonic() < deadline:  # received, waiting for a partner
+            time.sleep(0.01)
+        server.stop()
+        answer = msgpack_numpy.unpackb(robot.recv())
+        assert answer["server_timing"]["batch_size"] == 1 and answer["actions"].shape == (2, 7)
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            robot.recv()
+        assert closed.value.rcvd.code == 1001
+
+
+def test_serve_script_binds_localhost_serves_and_stops_on_sigterm(models, tmp_path):
+    port = free_port()
+    command = [sys.executable, str(ROOT / "recipes/serve.py"), "--model", str(models["pi05"]), "--port", str(port)]
+    with started([*command, "--max_batch", "4"], tmp_path / "server.log") as proc:
+        deadline = time.monotonic() + 120
+        while True:  # up once /healthz answers
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not come up in 120 s"
+            with contextlib.suppress(OSError):
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                connection.request("GET", "/healthz")
+                if connection.getresponse().status == 200:
+                    break
+            time.sleep(0.2)
+        listening = [c.laddr for c in psutil.Process(proc.pid).net_connections("tcp") if c.status == "LISTEN"]
+        assert [(address.ip, address.port) for address in listening] == [("127.0.0.1", port)]
+        client = WebsocketClientPolicy("127.0.0.1", port)
+        result = client.infer({**observation(0), "seed": 3})
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    np.testing.assert_allclose(result["actions"], in_process(models["pi05"], [observation(0)], [3])[0], rtol=1e-5)
+    assert "shutting down" in (tmp_path / "server.log").read_text()
+
+    serve = load_script("serve")
+    for args, message in [
+        (["--key_map", "images/top=observation.images.top"], r"--key_map maps to \['observation.images.top'\], which"),
+        (["--key_map", "images/top"], "--key_map item 'images/top' is not client_key=model_key"),
+        (["--max_batch", "0"], "--max_batch must be >= 1"),
+    ]:
+        with pytest.raises(RecipeError, match=message):
+            serve.build_server(serve.parse_args(["--model", str(models["pi05"]), *args]))
+    assert serve.parse_args(["--model", "m"]).host == "127.0.0.1"

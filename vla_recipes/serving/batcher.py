@@ -13,6 +13,8 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+FLUSH_CHECK_S = 0.05
+
 
 class MicroBatcher[Item, Result]:
     """``await submit(item)`` -> ``(result, batch_size)``; ``run_batch(items)`` returns one result or exception per
@@ -27,6 +29,7 @@ class MicroBatcher[Item, Result]:
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future]] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict_action")
         self._task: asyncio.Task | None = None
+        self._flushing = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -38,8 +41,13 @@ class MicroBatcher[Item, Result]:
         await self._queue.put((item, future))
         return await future
 
+    def flush(self) -> None:
+        """From now on, run what is queued without waiting for batches to fill (a shutdown)."""
+        self._flushing = True
+
     async def close(self) -> None:
         """Answer what is queued, then stop the worker."""
+        self.flush()
         await self._queue.join()
         if self._task is not None:
             self._task.cancel()
@@ -51,12 +59,12 @@ class MicroBatcher[Item, Result]:
         while len(batch) < self.max_batch:
             if self._queue.empty():
                 remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
+                if remaining <= 0 or self._flushing:
                     break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                try:  # in slices, so that a shutdown (flush) stops the wait
+                    batch.append(await asyncio.wait_for(self._queue.get(), min(remaining, FLUSH_CHECK_S)))
                 except TimeoutError:
-                    break
+                    continue
             else:
                 batch.append(self._queue.get_nowait())
         return batch

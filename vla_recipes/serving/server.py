@@ -24,8 +24,8 @@ import threading
 import time
 
 import websockets
-from websockets.frames import CloseCode
 from websockets.asyncio.server import Request, Response, ServerConnection, serve
+from websockets.frames import CloseCode
 
 from vla_recipes.serving.batcher import MicroBatcher
 from vla_recipes.serving.codec import packb, unpackb
@@ -62,6 +62,11 @@ class PolicyServer:
         self._in_flight = 0
         self._idle: asyncio.Condition | None = None
 
+    @property
+    def in_flight(self) -> int:
+        """Requests received and not yet answered."""
+        return self._in_flight
+
     def run(self) -> None:
         """Serve until SIGTERM / SIGINT (blocking; call from the main thread)."""
         asyncio.run(self.serve(handle_signals=True))
@@ -94,6 +99,7 @@ class PolicyServer:
             await self._stop.wait()
             logger.info("shutting down: answering the requests in flight")
             server.close(close_connections=False)  # no new connections
+            batcher.flush()  # requests waiting for batch partners run now
             async with self._idle:
                 try:
                     await asyncio.wait_for(self._idle.wait_for(lambda: self._in_flight == 0), SHUTDOWN_TIMEOUT_S)
