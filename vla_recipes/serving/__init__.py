@@ -4,7 +4,7 @@
 to it with ``openpi_client`` (or :class:`PolicyClient`, the same protocol without openpi-client's numpy<2 pin).
 """
 
-from vla_recipes.serving.client import PolicyClient
+from vla_recipes.serving.client import PolicyClient, RemoteChunkedPolicy
 from vla_recipes.serving.observation import BadRequest, ObservationSpec, Request, parse_key_map
 from vla_recipes.serving.policy import ServedPolicy, seeded_noise
 from vla_recipes.serving.server import PolicyServer
@@ -14,6 +14,7 @@ __all__ = [
     "ObservationSpec",
     "PolicyClient",
     "PolicyServer",
+    "RemoteChunkedPolicy",
     "Request",
     "ServedPolicy",
     "parse_key_map",
