@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http.client
 import signal
 import sys
@@ -48,7 +49,10 @@ def save_tiny(family_name: str, folder: Path, data_root: str, cameras: list[str]
         dataset_repo_id="local/synthetic_reach", dataset_root=data_root, action_horizon=horizon, camera_keys=cameras
     )
     family = get_family(family_name)
-    model_args = ModelArguments(model_config=DEMOS[family_name]["model_config"])
+    model_config = DEMOS[family_name]["model_config"]
+    if family_name == "pi05":
+        model_config = {**model_config, "num_inference_steps": 3}  # fewer Euler steps: the same code, a third the time
+    model_args = ModelArguments(model_config=model_config)
     config = load_config(model_args)
     norm_mode = family.default_norm_mode(config)
     mask = family.default_action_norm_mask(7)
@@ -70,7 +74,9 @@ def models(tmp_path_factory, two_camera_root) -> dict[str, Path]:
     }
 
 
+@functools.cache
 def load(folder: Path):
+    """Model and processor as a user loads them; once per folder (servers and references share them read-only)."""
     from transformers import AutoModel, AutoProcessor
 
     import vla_recipes  # noqa: F401
@@ -271,10 +277,10 @@ def test_a_client_that_disconnects_mid_request_does_not_break_the_batch(models):
     folder = models["openvla"]
     obs = observation(8)
     with running(served(folder, max_batch=2, max_wait_ms=30_000)) as server:
+        client = WebsocketClientPolicy("127.0.0.1", server.port)
         with connect(f"ws://127.0.0.1:{server.port}") as quitter:
             quitter.recv()
             quitter.send(msgpack_numpy.packb(observation(9)))  # queued, waiting for a batch partner; then gone
-        client = WebsocketClientPolicy("127.0.0.1", server.port)
         result = client.infer(obs)
         assert result["server_timing"]["batch_size"] == 2  # computed along with the departed client's request
     np.testing.assert_allclose(result["actions"], in_process(folder, [obs])[0], rtol=1e-5, atol=1e-6)
@@ -294,6 +300,7 @@ def test_graceful_shutdown_answers_the_request_in_flight(models):
     """On stop, a request still waiting for a batch partner is answered, then connections close with 1001."""
     server = served(models["openvla"], max_batch=2, max_wait_ms=60_000)
     with running(server), connect(f"ws://127.0.0.1:{server.port}") as robot:
+        idle = WebsocketClientPolicy("127.0.0.1", server.port)  # connected, so a partner may come: the request waits
         robot.recv()
         robot.send(msgpack_numpy.packb(observation(0)))
         deadline = time.monotonic() + 60
@@ -305,6 +312,8 @@ def test_graceful_shutdown_answers_the_request_in_flight(models):
         with pytest.raises(websockets.ConnectionClosed) as closed:
             robot.recv()
         assert closed.value.rcvd.code == 1001
+        with pytest.raises(websockets.ConnectionClosed):
+            idle.infer(observation(1))
 
 
 def test_serve_script_binds_localhost_serves_and_stops_on_sigterm(models, tmp_path):

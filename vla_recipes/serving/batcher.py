@@ -1,8 +1,10 @@
 """Micro-batching: requests of concurrent clients that arrive close together run as one batched model call.
 
 The first request of a batch waits at most ``max_wait_ms`` for others (none when ``max_batch`` is 1: one at a time,
-as openpi's and most peers' servers serve). Requests that queued while the previous batch ran join the next one at
-once, so under load batches fill without waiting. The model runs in one worker thread, off the event loop, which
+as openpi's and most peers' servers serve), and only while ``more_may_come()``: the server says no once every
+connected client has a request in flight (openpi's clients wait for each answer), so a lone robot never waits.
+Requests that queued while the previous batch ran join the next one at once, so under load batches fill without
+waiting. The model runs in one worker thread, off the event loop, which
 keeps receiving, decoding and answering meanwhile. A client that disconnects does not disturb a batch: its row
 is computed and its answer dropped.
 """
@@ -21,11 +23,16 @@ class MicroBatcher[Item, Result]:
     item. ``start()`` and ``close()`` run in the event loop that calls ``submit``."""
 
     def __init__(
-        self, run_batch: Callable[[list[Item]], list[Result | Exception]], max_batch: int = 8, max_wait_ms: float = 5.0
+        self,
+        run_batch: Callable[[list[Item]], list[Result | Exception]],
+        max_batch: int = 8,
+        max_wait_ms: float = 5.0,
+        more_may_come: Callable[[], bool] = lambda: True,
     ) -> None:
         if max_batch < 1 or max_wait_ms < 0:
             raise ValueError(f"max_batch must be >= 1 and max_wait_ms >= 0, got {max_batch} and {max_wait_ms}")
         self.run_batch, self.max_batch, self.max_wait = run_batch, max_batch, max_wait_ms / 1000
+        self.more_may_come = more_may_come
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future]] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict_action")
         self._task: asyncio.Task | None = None
@@ -59,7 +66,7 @@ class MicroBatcher[Item, Result]:
         while len(batch) < self.max_batch:
             if self._queue.empty():
                 remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0 or self._flushing:
+                if remaining <= 0 or self._flushing or not self.more_may_come():
                     break
                 try:  # in slices, so that a shutdown (flush) stops the wait
                     batch.append(await asyncio.wait_for(self._queue.get(), min(remaining, FLUSH_CHECK_S)))

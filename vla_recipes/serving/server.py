@@ -60,6 +60,7 @@ class PolicyServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._in_flight = 0
+        self._connections = 0
         self._idle: asyncio.Condition | None = None
 
     @property
@@ -81,7 +82,12 @@ class PolicyServer:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._stop.set)
-        batcher = MicroBatcher(self.policy.predict_each, self.max_batch, self.max_wait_ms)
+        batcher = MicroBatcher(
+            self.policy.predict_each,
+            self.max_batch,
+            self.max_wait_ms,
+            more_may_come=lambda: self._in_flight < self._connections,  # a client waiting for an answer sends nothing
+        )
         batcher.start()
         self._batcher = batcher
         async with serve(
@@ -124,6 +130,7 @@ class PolicyServer:
     async def _handle(self, websocket: ServerConnection) -> None:
         logger.info("connection from %s opened", websocket.remote_address)
         prev_total_ms = None
+        self._connections += 1
         try:
             await websocket.send(packb(self.policy.metadata))
             while True:
@@ -138,6 +145,8 @@ class PolicyServer:
                 prev_total_ms = (time.monotonic() - start) * 1000
         except websockets.ConnectionClosed:
             logger.info("connection from %s closed", websocket.remote_address)
+        finally:
+            self._connections -= 1
 
     async def _answer(self, message: bytes | str, prev_total_ms: float | None) -> bytes | str:
         """The response frame: actions, or a text frame saying what went wrong."""
