@@ -94,7 +94,11 @@ def main(args: list[str] | None = None) -> None:
     logging.getLogger("websockets").setLevel(logging.WARNING)
     cli = parse_args(args)
     server = build_server(cli)
-    server.run()
+    try:
+        server.run()
+    except OSError as e:  # the port is taken, the host is not this machine's
+        reason = e.strerror or e
+        raise RecipeError(f"cannot listen on {cli.host}:{cli.port} ({reason}); pick another --port or --host") from None
     print("server stopped", flush=True)
 
 
