@@ -97,7 +97,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         server.run()
     except OSError as e:  # the port is taken, the host is not this machine's
-        reason = e.strerror or e
+        reason = os.strerror(e.errno) if e.errno else e
         raise RecipeError(f"cannot listen on {cli.host}:{cli.port} ({reason}); pick another --port or --host") from None
     print("server stopped", flush=True)
 

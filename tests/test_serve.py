@@ -12,6 +12,7 @@ import contextlib
 import functools
 import http.client
 import signal
+import socket
 import sys
 import threading
 import time
@@ -348,3 +349,10 @@ def test_serve_script_binds_localhost_serves_and_stops_on_sigterm(models, tmp_pa
         with pytest.raises(RecipeError, match=message):
             serve.build_server(serve.parse_args(["--model", str(models["pi05"]), *args]))
     assert serve.parse_args(["--model", "m"]).host == "127.0.0.1"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(
+            RecipeError, match=r"cannot listen on 127.0.0.1:\d+ \(Address already in use\); pick another"
+        ):
+            serve.main(["--model", str(models["openvla"]), "--port", str(taken.getsockname()[1])])
