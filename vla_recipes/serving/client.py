@@ -86,7 +86,7 @@ class RemoteChunkedPolicy(ChunkedPolicy):
     def predict_samples(self, samples: list[dict]) -> torch.Tensor:
         observations = []
         for sample in samples:
-            observation = {key: _uint8_hwc(image) for key, image in zip(self.camera_map, sample["images"], strict=True)}
+            observation = {key: uint8_hwc(image) for key, image in zip(self.camera_map, sample["images"], strict=True)}
             observation["prompt"] = sample["task"]
             if sample["state"] is not None:
                 observation[STATE_KEY] = sample["state"].float().cpu().numpy()
@@ -95,6 +95,6 @@ class RemoteChunkedPolicy(ChunkedPolicy):
         return torch.from_numpy(np.stack([answer["actions"] for answer in answers]))
 
 
-def _uint8_hwc(image: torch.Tensor) -> np.ndarray:
+def uint8_hwc(image: torch.Tensor) -> np.ndarray:
     """A float CHW frame in [0, 1] as the uint8 HWC array a camera gives."""
     return (image.detach().cpu() * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
