@@ -62,6 +62,7 @@ class PolicyServer:
         self._in_flight = 0
         self._connections = 0
         self._idle: asyncio.Condition | None = None
+        self._batcher: MicroBatcher | None = None
 
     @property
     def in_flight(self) -> int:
