@@ -1,11 +1,12 @@
 """Serving: requests/s and latency of ``recipes/serve.py``'s server for 1, 4 and 8 concurrent clients, with
 micro-batching (``--max_batch 8 --max_wait_ms 5``) and one request at a time (``--max_batch 1``, what openpi's and
-most peers' servers do). Both tiny families, the server in this process, each client a thread that sends its next
-observation as soon as it has its answer (a robot re-planning as fast as it can). Goal: >= 3x the requests/s of
+most peers' servers do). Both tiny families, the server in this process, each client a process of its own (openpi's
+``WebsocketClientPolicy``, as a robot runs it) that sends its next observation as soon as it has its answer (a robot
+re-planning as fast as it can). Goal: >= 3x the requests/s of
 one-at-a-time serving at 8 clients for tiny OpenVLA.
 
 Throughput and latency are wall-clock figures (a server's job); the last column, requests per CPU second of the
-whole process (server, model and clients), is the robust one on a shared machine.
+server process (model, batching, protocol), is the robust one on a shared machine.
 
     BENCH_THREADS=1 python benchmarks/serve.py [--requests 64] [--repeats 2] [--device cpu]
 """
@@ -14,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -22,48 +26,43 @@ from pathlib import Path
 import numpy as np
 from _common import build_model, machine, print_table, synthetic_data
 
-from vla_recipes.serving import ObservationSpec, PolicyClient, PolicyServer, ServedPolicy
+from vla_recipes.serving import ObservationSpec, PolicyServer, ServedPolicy
 from vla_recipes.serving.client import uint8_hwc
 
 GOAL = 3.0
 
 
-def observations(samples: list[dict], cameras: list[str]) -> list[dict]:
-    """What a robot sends: uint8 HWC camera frames, its state, the prompt."""
-    return [
-        {
-            **{key: uint8_hwc(image) for key, image in zip(cameras, sample["images"], strict=False)},
-            "observation.state": sample["state"].numpy(),
-            "prompt": sample["task"],
-        }
-        for sample in samples
+def save_observations(path: Path, samples: list[dict], cameras: list[str]) -> Path:
+    """What a robot sends, for the client processes: uint8 HWC camera frames, its state, the prompt."""
+    arrays = {key: np.stack([uint8_hwc(sample["images"][i]) for sample in samples]) for i, key in enumerate(cameras)}
+    arrays["observation.state"] = np.stack([sample["state"].numpy() for sample in samples])
+    arrays["prompt"] = np.array([sample["task"] for sample in samples])
+    np.savez(path, **arrays)
+    return path
+
+
+def load_test(port: int, observations: Path, clients: int, per_client: int) -> tuple[float, float, list[float]]:
+    """(wall seconds, server process CPU seconds, latencies in ms) of ``clients`` robot processes sending
+    ``per_client`` requests each, all starting together."""
+    command = [sys.executable, str(Path(__file__).with_name("_serve_client.py")), str(port), str(observations)]
+    robots = [
+        subprocess.Popen([*command, str(per_client), str(i)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for i in range(clients)
     ]
-
-
-def load_test(port: int, requests: list[dict], clients: int, per_client: int) -> tuple[float, float, list[float]]:
-    """(wall seconds, process CPU seconds, latencies in ms) of ``clients`` threads each sending ``per_client``."""
-    connections = [PolicyClient(f"ws://127.0.0.1:{port}") for _ in range(clients)]
-    for client in connections:  # warm-up: connections, allocator, a first batch
-        client.infer(requests[0])
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def robot(i: int) -> None:
-        for step in range(per_client):
-            start = time.perf_counter()
-            connections[i].infer({**requests[(i + step) % len(requests)], "seed": step})
-            with lock:
-                latencies.append((time.perf_counter() - start) * 1000)
-
-    threads = [threading.Thread(target=robot, args=(i,)) for i in range(clients)]
-    wall, cpu = time.perf_counter(), time.process_time()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    for client in connections:
-        client.close()
+    try:
+        for robot in robots:
+            if robot.stdout.readline().strip() != "ready":
+                raise RuntimeError("a benchmark client failed to connect")
+        wall, cpu = time.perf_counter(), time.process_time()
+        for robot in robots:
+            robot.stdin.write("go\n")
+            robot.stdin.flush()
+        latencies = [x for robot in robots for x in json.loads(robot.stdout.readline())]
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        for robot in robots:
+            robot.kill()
+            robot.wait()
     return wall, cpu, latencies
 
 
@@ -81,7 +80,7 @@ def main() -> None:
             model, processor, _ = build_model(model_type, data, Path(tmp) / "out")
             model.to(args.device).eval()
             policy = ServedPolicy(model, processor, ObservationSpec(model.config))
-            requests = observations(data.samples, list(model.config.camera_keys))
+            requests = save_observations(Path(tmp) / f"{model_type}.npz", data.samples, list(model.config.camera_keys))
             for clients in (1, 4, 8):
                 rates = {}
                 for batching, max_batch in (("off", 1), ("on", 8)):
