@@ -2,8 +2,8 @@
 
 Keys are the model's own (``observation.images.<cam>`` for each of ``config.camera_keys``, ``observation.state``,
 ``prompt`` or ``task``) or openpi's slash style: nested dicts are flattened with ``/`` (openpi's ALOHA clients send
-``{"images": {"cam_high": ...}}``, i.e. ``images/cam_high``), ``observation/<name>`` is the camera
-``observation.images.<name>`` when the model has it and ``observation/state`` is the state (openpi's LIBERO
+``{"images": {"cam_high": ...}}``, i.e. ``images/cam_high``), ``observation/<name>`` is the model's camera
+``observation.images.<name>`` (or ``observation.<name>``) and ``observation/state`` the state (openpi's LIBERO
 client). A key map (``client_key=model_key,...``) names the rest. Keys the model does not read are ignored
 (openpi clients send extras), so a misspelt camera shows up as a missing one, with the keys that did arrive.
 
@@ -60,7 +60,7 @@ class ObservationSpec:
         self.state_indices: list[int] | None = getattr(config, "state_indices", None)
         self.default_prompt = default_prompt
         targets = {*self.camera_keys, STATE_KEY, PROMPT_KEY}
-        aliases = {f"observation/{key.removeprefix('observation.images.')}": key for key in self.camera_keys}
+        aliases = {f"observation/{key.rsplit('.', 1)[-1]}": key for key in self.camera_keys}
         self.key_map = {**aliases, "observation/state": STATE_KEY, "task": PROMPT_KEY, **(key_map or {})}
         unknown = sorted({target for target in (key_map or {}).values() if target not in targets})
         if unknown:
