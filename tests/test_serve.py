@@ -26,12 +26,17 @@ import pytest
 import torch
 import websockets
 from cli import DEMOS, ROOT, free_port, load_script, started
-from openpi_client import msgpack_numpy
-from openpi_client.action_chunk_broker import ActionChunkBroker
-from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from websockets.sync.client import connect
 
 from vla_recipes.configs import RecipeError
+
+try:  # the robot side: the real openpi client, unmodified
+    from openpi_client import msgpack_numpy
+    from openpi_client.action_chunk_broker import ActionChunkBroker
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+except ImportError as e:
+    raise ImportError(f"{e}: these tests need openpi-client: pip install --no-deps openpi-client==0.1.2 dm-tree "
+                      "(make install does)") from e  # fmt: skip
 from vla_recipes.serving import ObservationSpec, PolicyServer, ServedPolicy, seeded_noise
 
 CAMERAS = ("observation.images.image", "observation.images.wrist_image")
