@@ -1,7 +1,7 @@
 """Serve a fine-tuned policy to robots over openpi's WebSocket protocol, batching concurrent clients.
 
     python recipes/serve.py --model outputs/demo-pi05                       # ws://127.0.0.1:8000, /healthz
-    python recipes/serve.py --model me/pi05-libero --host 0.0.0.0 --device cuda --api_key "$POLICY_API_KEY"
+    VLA_SERVE_API_KEY=... python recipes/serve.py --model me/pi05-libero --host 0.0.0.0 --device cuda
 
 A robot connects with ``openpi_client.websocket_client_policy.WebsocketClientPolicy(host, port)`` and calls
 ``infer(observation)``: images uint8 HWC at any size under the model's camera keys (or openpi's ``observation/<cam>``;
