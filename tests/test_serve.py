@@ -35,8 +35,8 @@ try:  # the robot side: the real openpi client, unmodified
     from openpi_client.action_chunk_broker import ActionChunkBroker
     from openpi_client.websocket_client_policy import WebsocketClientPolicy
 except ImportError as e:
-    raise ImportError(f"{e}: these tests need openpi-client: pip install --no-deps openpi-client==0.1.2 dm-tree "
-                      "(make install does)") from e  # fmt: skip
+    raise ImportError(f"{e}: these tests need openpi-client: pip install dm-tree && pip install --no-deps "
+                      "openpi-client==0.1.2 (make install does)") from e  # fmt: skip
 from vla_recipes.serving import ObservationSpec, PolicyServer, ServedPolicy, seeded_noise
 
 CAMERAS = ("observation.images.image", "observation.images.wrist_image")
