@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import http.client
+import json
 import signal
 import socket
 import sys
@@ -361,3 +363,33 @@ def test_serve_script_binds_localhost_serves_and_stops_on_sigterm(models, tmp_pa
             RecipeError, match=r"cannot listen on 127.0.0.1:\d+ \(Address already in use\); pick another"
         ):
             serve.main(["--model", str(models["openvla"]), "--port", str(taken.getsockname()[1])])
+
+
+def test_serves_a_lora_output_folder(models, tmp_path):
+    """A LoRA folder (adapter + config + processor, the base named in adapter_config.json) loads through serve.py's
+    own loading and serves the adapted model: the base's actions changed by the adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    base, processor = load(models["openvla"])
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=base.lora_target_modules()))
+    torch.manual_seed(1)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero (no change): make the adapter matter
+            torch.nn.init.normal_(param, std=0.5)
+    folder = tmp_path / "lora"
+    peft_model.save_pretrained(folder)
+    base.config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = str(models["openvla"])  # built here, not loaded: PEFT left it empty
+    (folder / "adapter_config.json").write_text(json.dumps(adapter_config))
+
+    serve = load_script("serve")
+    obs = observation(11)
+    with running(serve.build_server(serve.parse_args(["--model", str(folder), "--port", "0"]))) as server:
+        served_actions = WebsocketClientPolicy("127.0.0.1", server.port).infer(obs)["actions"]
+    inputs = processor(images=[obs[CAMERAS[0]]], text=[TASK])
+    with torch.no_grad():
+        adapted = peft_model.base_model.model.predict_action(**inputs)[0].numpy()
+    np.testing.assert_allclose(served_actions, adapted, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(served_actions, in_process(models["openvla"], [obs])[0])
