@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install --no-deps "openpi-client==0.1.2"  # the robot-side client the serving tests use; pins numpy<2
 	touch $@
 
 $(DEMO_DATA)/meta/info.json: | install

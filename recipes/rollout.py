@@ -3,6 +3,7 @@
     pip install -e ".[sim]"     # gym-pusht: PushT runs on a CPU
     python recipes/rollout.py --model outputs/pusht-pi05 --env pusht --n_episodes 50 --batch_size 10
     python recipes/rollout.py --model me/openvla-libero --env libero --env_kwargs '{"task": "libero_spatial"}'
+    python recipes/rollout.py --model outputs/pusht-pi05 --server ws://gpu-box:8000 --env pusht  # recipes/serve.py
 
 The environments, their observation processing and the evaluation loop are LeRobot's own
 (``lerobot.envs.make_env_config`` / ``make_env`` / ``make_env_pre_post_processors`` and ``eval_policy``); the
@@ -12,6 +13,9 @@ model takes part as a :class:`vla_recipes.evaluation.ChunkedPolicy`: it predicts
 Writes ``<output_dir>/rollout_results.json`` (LeRobot's per-task and overall figures), videos of the first
 ``--videos`` episodes under ``<output_dir>/videos/<suite>_<task>/eval_episode_<i>.mp4``, ``closed_loop_*`` keys
 into ``eval_results.json`` and the model card (a re-run replaces them).
+
+With ``--server ws://host:port`` the chunks come from a model served by ``recipes/serve.py`` (one connection per env
+of the batch, answered by one batched call); ``--model`` then only names the folder the results go to.
 """
 
 from __future__ import annotations
@@ -34,13 +38,18 @@ from vla_recipes.evaluation import (
     update_eval_results,
 )
 from vla_recipes.hub import add_card_results
+from vla_recipes.serving import PolicyClient, RemoteChunkedPolicy
 
 PREFIX = "closed_loop_"
 
 
 def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="Output folder or Hub id of a fine-tuned model.")
+    parser.add_argument("--model", default=None, help="Output folder or Hub id of a fine-tuned model.")
+    parser.add_argument(
+        "--server", default=None, help="ws://host:port of recipes/serve.py: roll out the served model instead."
+    )
+    parser.add_argument("--api_key", default=None, help="The server's api key, if it has one.")
     parser.add_argument("--env", required=True, help="A LeRobot env type: pusht, libero, metaworld, aloha, ...")
     parser.add_argument("--env_kwargs", default="{}", help='JSON fields of its EnvConfig, e.g. \'{"task": "..."}\'.')
     parser.add_argument("--n_episodes", type=int, default=10)
@@ -107,36 +116,45 @@ def match_env(config, env_cfg, camera_map: str | None) -> dict[str, str]:
             raise RecipeError(
                 f"the model takes a {state_dim}-dim state but the {env_cfg.type!r} env gives {env_dim}-dim {OBS_STATE}"
             )
-    return mapping
+    return {key: mapping[key] for key in config.camera_keys}  # in the model's camera order
 
 
 def main(args: list[str] | None = None) -> dict:
     from lerobot.envs import make_env, make_env_pre_post_processors
 
     cli = parse_args(args)
+    if cli.model is None and cli.server is None:
+        raise RecipeError("pass --model (in-process) or --server ws://host:port (a served model), or both")
     env_cfg = env_config(cli.env, cli.env_kwargs)
-    camera_map = match_env(AutoConfig.from_pretrained(cli.model), env_cfg, cli.camera_map)
-    out = Path(cli.output_dir) if cli.output_dir else default_output_dir(cli.model)
+    out = Path(cli.output_dir) if cli.output_dir else default_output_dir(cli.model or "served")
+    # With --server, --model only names the folder the results go to; the served model is what runs.
+    client = PolicyClient(cli.server, api_key=cli.api_key, connections=cli.batch_size) if cli.server else None
     try:
-        envs = make_env(env_cfg, n_envs=cli.batch_size)
-    except ModuleNotFoundError as e:
-        raise RecipeError(f"the {cli.env!r} env needs a package that is not installed ({e}); for PushT: "
-                          "pip install -e '.[sim]'") from None  # fmt: skip
-
-    model = AutoModel.from_pretrained(cli.model).to(cli.device).eval()
-    processor = AutoProcessor.from_pretrained(cli.model)
-    policy = ChunkedPolicy(
-        model, processor, camera_map, n_action_steps=cli.n_action_steps, task=cli.instruction
-    )  # fmt: skip
-    info = evaluate_closed_loop(
-        policy,
-        envs,
-        make_env_pre_post_processors(env_cfg, None),
-        cli.n_episodes,
-        videos_dir=out / "videos",
-        max_episodes_rendered=cli.videos,
-        start_seed=cli.seed,
-    )
+        config = client.config if client else AutoConfig.from_pretrained(cli.model)
+        camera_map = match_env(config, env_cfg, cli.camera_map)
+        try:
+            envs = make_env(env_cfg, n_envs=cli.batch_size)
+        except ModuleNotFoundError as e:
+            raise RecipeError(f"the {cli.env!r} env needs a package that is not installed ({e}); for PushT: "
+                              "pip install -e '.[sim]'") from None  # fmt: skip
+        options = {"n_action_steps": cli.n_action_steps, "task": cli.instruction}
+        if client:
+            policy = RemoteChunkedPolicy(client, camera_map, **options)
+        else:
+            model = AutoModel.from_pretrained(cli.model).to(cli.device).eval()
+            policy = ChunkedPolicy(model, AutoProcessor.from_pretrained(cli.model), camera_map, **options)
+        info = evaluate_closed_loop(
+            policy,
+            envs,
+            make_env_pre_post_processors(env_cfg, None),
+            cli.n_episodes,
+            videos_dir=out / "videos",
+            max_episodes_rendered=cli.videos,
+            start_seed=cli.seed,
+        )
+    finally:
+        if client:
+            client.close()
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "rollout_results.json").write_text(json.dumps(info, indent=2, default=str))

@@ -102,3 +102,21 @@ def accelerate_launch(script: str, *args: str, config: str = "single_gpu.yaml", 
     if config == "multi_cpu.yaml":  # accelerate's multi-process launcher does not pass the config's use_cpu on
         kwargs["env"] = {"ACCELERATE_USE_CPU": "1", **kwargs.get("env", {})}
     return run([*launcher, str(ROOT / script), *args], **kwargs)
+
+
+@contextlib.contextmanager
+def started(command: list[str], log: Path, *, env: dict | None = None, cwd: Path = ROOT):
+    """A long-running command (a server) for the duration of a ``with`` block, stdout and stderr to ``log``.
+
+    Yields the ``Popen``; the block may stop it itself (a signal); whatever happens, its whole tree is SIGKILLed
+    on the way out if it is still running.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+            proc.wait(timeout=30)

@@ -252,6 +252,35 @@ def test_rollout_script_writes_results_card_and_checks_the_env(tiny_model, tmp_p
         rollout.main([*args, "--env", "no_such_env"])
 
 
+def test_rollout_against_a_served_model_gives_the_in_process_numbers(tiny_model, tmp_path):
+    """``--server``: the same episodes, the same actions, the same success as the model run in-process."""
+    from test_serve import running
+
+    from vla_recipes.serving import ObservationSpec, PolicyServer, ServedPolicy
+
+    register_env_config()
+    rollout = load_script("rollout")
+    args = ["--env", "fake_reach", "--n_episodes", "4", "--batch_size", "2", "--videos", "0"]
+    runs = {}
+    for name in ("in-process", "served"):
+        FakeReach.actions.clear()
+        out = ["--output_dir", str(tmp_path / name)]
+        if name == "in-process":
+            info = rollout.main([*args, *out, "--model", str(tiny_model)])
+        else:
+            model, processor = load(tiny_model)
+            server = PolicyServer(ServedPolicy(model, processor, ObservationSpec(model.config)), port=0)
+            with running(server):
+                info = rollout.main([*args, *out, "--server", f"ws://127.0.0.1:{server.port}"])
+        runs[name] = info, sorted(FakeReach.actions, key=lambda x: x[:2])
+    (local, local_actions), (remote, remote_actions) = runs.values()
+    assert remote["overall"]["pc_success"] == local["overall"]["pc_success"] == 50.0
+    assert [a[:2] for a in remote_actions] == [a[:2] for a in local_actions] and len(local_actions) > 8
+    np.testing.assert_allclose(np.stack([a[2] for a in remote_actions]), np.stack([a[2] for a in local_actions]))
+    results = json.loads((tmp_path / "served/eval_results.json").read_text())
+    assert results["closed_loop_success_rate"] == 0.5
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("gym_pusht") is None, reason="needs gym-pusht: pip install -e '.[sim]'")
 def test_pusht_end_to_end(tiny_model, tmp_path):

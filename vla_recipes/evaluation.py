@@ -215,6 +215,10 @@ class ChunkedPolicy(torch.nn.Module):
             }
             for i in range(batch)
         ]
+        return self.predict_samples(samples)
+
+    def predict_samples(self, samples: list[dict]) -> torch.Tensor:
+        """The model's batched call on samples ``{"images": [one per camera_map entry], "state", "task"}``."""
         inputs = _on_device(self.family.inference_inputs(self.processor, samples), self.model.device)
         return self.model.predict_action(**inputs).float().cpu()
 
