@@ -20,8 +20,12 @@ OOM row, a mode this machine cannot run an "unsupported" row, and the script goe
 soft deadline are skipped, and a watchdog ends the process at ``--deadline`` seconds whatever happens. The JSON and
 Markdown tables are rewritten after every row, so a stopped run still leaves what it measured.
 
-``--tiny`` runs the same code on the CPU with the tests' tiny configs and a small batch (tests/test_gpu_bench.py), so
-the script cannot rot while no GPU is at hand; its timings mean nothing.
+The prompts go through the local character tokenizers (no gated download): pi0.5 pads them to its 200 tokens as
+PaliGemma's would; OpenVLA's ~80-character prompt is ~80 tokens where Llama's makes ~25, so its sequences (256 patches
++ prompt) are ~15% longer than with the real tokenizer, and its figures err on the high side.
+
+``--tiny`` runs the same code on the CPU with the tests' tiny configs, float32 and batch 2 (tests/test_gpu_bench.py),
+so the script cannot rot while no GPU is at hand; its timings mean nothing.
 
     python benchmarks/gpu.py [--out outputs/gpu] [--steps 3] [--deadline 450]   # one CUDA device (make bench-gpu)
     python benchmarks/gpu.py --tiny --out /tmp/gpu-tiny                            # CPU check, < 3 minutes
@@ -31,7 +35,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("BENCH_THREADS", str(min(8, os.cpu_count() or 1)))  # collation runs on the CPU: give it cores
+# Collation runs on the CPU: half the cores (8 of a 16-core GPU machine, 1 of a busy 2-core one), at most 8.
+os.environ.setdefault("BENCH_THREADS", str(max(1, min(8, (os.cpu_count() or 2) // 2))))
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -66,12 +71,16 @@ RECIPES = {
     "openvla": ["openvla/libero_spatial/lora", "openvla/libero_spatial/qlora"],
 }
 NAMES = {"pi05": "pi0.5 base", "openvla": "OpenVLA-7B"}
+TINY_NAMES = {"pi05": "pi0.5 tiny", "openvla": "OpenVLA tiny"}
 # Peak-memory goals (GB) at the recipes' batch: openpi's published needs for pi0.5, OpenVLA's for its LoRA (~72 GB).
 GOALS_GB = {("openvla", "lora"): 50.0, ("openvla", "qlora"): 24.0, ("pi05", "lora"): 22.5, ("pi05", "full"): 70.0}
 LATENCY_BATCHES = (1, 8)
 TINY_BATCH = 2
-LEROBOT_LOAD_S = {"cuda": 60.0, "cpu": 20.0}  # time a row needs to be worth starting (model load + steps)
-ROW_RESERVE_S = {("cuda", "openvla"): 75.0, ("cuda", "pi05"): 45.0, ("cpu", "openvla"): 10.0, ("cpu", "pi05"): 10.0}
+# Seconds left under which a row is not started (its model load and steps would overrun the deadline).
+ROW_RESERVE_S = {
+    "cuda": {"openvla": 75.0, "pi05": 45.0, "lerobot": 60.0},
+    "cpu": {"openvla": 10, "pi05": 10, "lerobot": 20},
+}
 FSDP_TIMEOUT_S = {"cuda": 150, "cpu": 240}
 FSDP_DEMOS = {"cuda": ("openvla", "pi05"), "cpu": ("openvla",)}  # one on the CPU: a launch there takes ~2 minutes
 
@@ -146,10 +155,12 @@ class Report:
         (self.out / "gpu.md").write_text(markdown(data))
 
 
-def fmt(value: Any, digits: int = 3) -> str:
+def fmt(value: Any) -> str:
     if value is None:
         return "-"
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
 
 
 def table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -160,12 +171,14 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
 def markdown(data: dict) -> str:
     """The tables a reader pastes into README / RESULTS.md."""
     h = data["header"]
+    names = TINY_NAMES if h["tiny"] else NAMES
+    title = "CPU check (--tiny: tiny configs, float32; timings meaningless)" if h["tiny"] else "One GPU, real sizes"
     lines = [
-        f"### {'CPU check (--tiny: tiny configs, timings meaningless)' if h['tiny'] else 'One GPU, real sizes'}: "
-        f"{h['device']}",
+        f"### {title}: {h['device']}, {h['date']}",
         "",
-        f"{h['versions']}; {h['steps']} timed steps after 1 warm-up, synthetic samples (2 cameras, chunk 50 for "
-        f"pi0.5); peak = torch.cuda.max_memory_allocated (GB = 1e9 bytes); total {h['wall_s']} s.",
+        f"{h['versions']}. Per row: {h['steps']} timed optimizer step(s) after 1 warm-up, at the recipe's batch, on "
+        "synthetic samples (2 cameras at 224 px, chunk 50 for pi0.5); peak = torch.cuda.max_memory_allocated "
+        f"(GB = 1e9 bytes); s/step is wall time, collation included. Whole run: {h['wall_s']} s.",
         "",
     ]
     train = {(r["family"], r["mode"], r["grad_ckpt"]): r for r in data["train"]}
@@ -173,12 +186,24 @@ def markdown(data: dict) -> str:
     for r in data["train"]:
         goal = GOALS_GB.get((r["family"], r["mode"]))
         met = None if goal is None or r["peak_gb"] is None else ("met" if r["peak_gb"] <= goal else "not met")
-        goal_text = f"<= {goal:g} ({met})" if goal and met else (f"<= {goal:g}" if goal else "-")
+        goal_text = "-" if goal is None else f"<= {goal:g}" + (f" ({met})" if met else "")
         rows.append([
-            NAMES[r["family"]], r["mode"], "on" if r["grad_ckpt"] else "off", r["batch"], r["peak_gb"],
-            r["s_per_step"], r["samples_per_s"], goal_text, r["status"],
+            names[r["family"]], r["mode"], "on" if r["grad_ckpt"] else "off", r["batch"], r["peak_gb"],
+            r["s_per_step"], r["samples_per_s"], goal_text, r.get("wall_s"), r["status"],
         ])  # fmt: skip
-    lines += table(["model", "mode", "grad ckpt", "batch", "peak GB", "s/step", "samples/s", "goal GB", "status"], rows)
+    header = [
+        "model",
+        "mode",
+        "grad ckpt",
+        "batch",
+        "peak GB",
+        "s/step",
+        "samples/s",
+        "goal GB",
+        "row wall s",
+        "status",
+    ]
+    lines += table(header, rows)
     if data["lerobot"]:
         rows = []
         for r in data["lerobot"]:
@@ -189,28 +214,29 @@ def markdown(data: dict) -> str:
                 "on" if r["grad_ckpt"] else "off", r["batch"], r["peak_gb"], r["s_per_step"], ours,
                 f"**{ratio:.2f}x** ({verdict})" if ratio else "-", r["status"],
             ])  # fmt: skip
-        lines += [
-            "",
-            "pi0.5 full fine-tuning: ours vs LeRobot's PI05Policy (lerobot-train's step), same size and batch:",
-        ]
-        lines += [""] + table(
+        lines += ["", f"{names['pi05']} full fine-tuning, ours vs LeRobot's PI05Policy (lerobot-train's step):", ""]
+        lines += table(
             ["grad ckpt", "batch", "LeRobot peak GB", "LeRobot s/step", "ours s/step", "ratio (goal <= 1.0)", "status"],
             rows,
         )
     if data["latency"]:
-        rows = [[NAMES[r["family"]], r["batch"], r["ms_per_chunk"], r["status"]] for r in data["latency"]]
-        lines += ["", "predict_action latency (bf16 weights, median of the timed calls):", ""]
+        rows = [[names[r["family"]], r["batch"], r["ms_per_chunk"], r["status"]] for r in data["latency"]]
+        lines += ["", f"predict_action latency ({h['dtype']} weights, median of the timed calls):", ""]
         lines += table(["model", "batch", "ms per chunk", "status"], rows)
-    device_maps = [r for r in data["train"] if r.get("device_map") is not None]
+    device_maps = {r["family"]: r for r in data["train"] if r.get("device_map") is not None}
     if device_maps:
-        lines += ["", "QLoRA device_map (where the 4-bit base was loaded; devices of all parameters):", ""]
+        lines += ["", "QLoRA: where the 4-bit base was loaded (`hf_device_map`) and the devices of all parameters:", ""]
         lines += [
-            f"- {NAMES[r['family']]}: `{r['device_map']}`, parameters on {r['param_devices']}" for r in device_maps
+            f"- {names[f]}: `{r['device_map']}`, parameters on {r['param_devices']}" for f, r in device_maps.items()
         ]
     if data["fsdp"]:
         rows = [[r["recipe"], r["losses"], r["saved"], r["wall_s"], r["status"]] for r in data["fsdp"]]
-        lines += ["", "1-process FSDP2: `accelerate launch --config_file accelerate_configs/fsdp.yaml recipes/sft.py`:"]
-        lines += [""] + table(["recipe", "losses", "full weights saved", "wall s", "status"], rows)
+        lines += [
+            "",
+            "1-process FSDP2: `accelerate launch --config_file accelerate_configs/fsdp.yaml recipes/sft.py`:",
+            "",
+        ]
+        lines += table(["recipe", "losses", "full weights saved", "wall s", "status"], rows)
     return "\n".join(lines) + "\n"
 
 
@@ -246,7 +272,7 @@ def guarded(fn: Callable[[], dict], device: Device, deadline: Deadline, reserve:
     traceback printed), so one broken row does not cost the rest of a lent GPU's minutes."""
     if deadline.left() < reserve:
         return "skipped: deadline", {}
-    status, figures = "ok", {}
+    status, figures, start = "ok", {}, time.perf_counter()
     try:
         figures = fn()
     except torch.OutOfMemoryError:
@@ -257,7 +283,7 @@ def guarded(fn: Callable[[], dict], device: Device, deadline: Deadline, reserve:
         traceback.print_exc()
         status = f"error: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
     device.release()  # after the except block, so the exception's frames (and the model they hold) are gone
-    return status, figures
+    return status, figures | {"wall_s": round(time.perf_counter() - start, 1)}
 
 
 def timing(step_s: list[float], batch: int) -> dict:
@@ -476,10 +502,12 @@ def run_family(
     ready: Callable[[], None],
 ) -> None:
     """Every row of one family; ``ready`` waits for whatever else uses the device before the first timed step."""
-    reserve = ROW_RESERVE_S[(device.type, model_type)]
+    reserve = ROW_RESERVE_S[device.type][model_type]
     base = tmp / f"{model_type}-base"
-    status, _ = guarded(lambda: {"base": write_base(model_type, data, base, device, args.tiny)}, device, deadline, 0)
-    print(f"[{model_type}] random base in {base}: {status}", flush=True)
+    status, figures = guarded(
+        lambda: {"base": write_base(model_type, data, base, device, args.tiny)}, device, deadline, 0
+    )
+    print(f"[{model_type}] random base written to {base} in {figures.get('wall_s')} s: {status}", flush=True)
     ready()
     for recipe in RECIPES[model_type]:
         batch = recipe_batch(recipe, args.tiny)
@@ -500,7 +528,7 @@ def run_family(
             folder.mkdir()
             status, figures = guarded(
                 partial(lerobot_row, data, folder, device, batch, args.steps, ckpt, args.tiny),
-                device, deadline, LEROBOT_LOAD_S[device.type],
+                device, deadline, ROW_RESERVE_S[device.type]["lerobot"],
             )  # fmt: skip
             row = {"grad_ckpt": ckpt, "batch": batch, "peak_gb": None, "s_per_step": None}
             report.add("lerobot", row | figures | {"status": status})
@@ -539,6 +567,7 @@ def main() -> None:
 
         versions += f", bitsandbytes {bitsandbytes.__version__}"
     header = {"device": device.name(), "tiny": args.tiny, "steps": args.steps, "versions": versions}
+    header["dtype"] = str(device.dtype).removeprefix("torch.")
     report = Report(args.out, header | {"start": time.perf_counter(), "date": time.strftime("%Y-%m-%d %H:%M UTC")})
     deadline = Deadline(args.deadline or (170.0 if args.tiny else 450.0), report)
     print(f"# GPU check on {header['device']}; {versions}", flush=True)

@@ -3,7 +3,7 @@
 #
 # 1. Here (a machine with the project's venv and PyPI):
 #      bash benchmarks/gpu_check.sh prepare
-#    writes .gpu_site/site.tar.xz (~45 MB, git-ignored): the packages the GPU image lacks or holds at another version
+#    writes .gpu_site/site.tar.xz (42 MB, git-ignored): the packages the GPU image lacks or holds at another version
 #    (lerobot, bitsandbytes, av, transformers, ...), at the venv's exact versions, for CPython 3.12 on x86-64;
 #    bitsandbytes keeps only its CUDA 13 libraries (the image's torch is +cu130), so the whole travels under 64 MiB.
 # 2. On the GPU machine, from the repository root, with .gpu_site carried along:
@@ -14,10 +14,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Imported by benchmarks/gpu.py and recipes/sft.py but missing from the GPU image (or there at another version).
+# What benchmarks/gpu.py and recipes/sft.py import that the GPU image ('cuda', python3 3.12 with torch 2.11+cu130)
+# lacks, or holds at a version outside pyproject.toml's pins (transformers 5.17, tokenizers 0.23.2 there) or
+# datasets' (fsspec). The rest (torch, numpy, pandas, pyarrow, timm, safetensors, huggingface_hub, ...) is the image's.
 PACKAGES=(
-    lerobot bitsandbytes av transformers tokenizers peft accelerate trl datasets draccus mergedeep toml
-    typing-inspect mypy-extensions termcolor gymnasium farama-notifications dill multiprocess jsonlines
+    lerobot bitsandbytes av transformers tokenizers peft accelerate trl datasets fsspec draccus mergedeep toml
+    termcolor gymnasium farama-notifications dill multiprocess
 )
 ARCHIVE=.gpu_site/site.tar.xz
 

@@ -49,5 +49,5 @@ def test_tiny_run_fills_every_row(tmp_path):
     assert fsdp["status"] == "ok" and len(fsdp["losses"]) == 3 and fsdp["saved"], fsdp
 
     table = (tmp_path / "gpu.md").read_text()
-    assert "| OpenVLA-7B | qlora | off | 2 |" in table
+    assert "| OpenVLA tiny | qlora | off | 2 |" in table
     assert table.count("x** (") == 2  # the pi0.5 step ratio to LeRobot's, with and without checkpointing
