@@ -59,9 +59,6 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from _common import CAMERAS, REPO_ID, ROOT, Data, build_model, configured_config, synthetic_data, tiny_config  # noqa: E402
-from train_step import LeRobotLoop, StepClock, intervals  # noqa: E402
-
-from vla_recipes.configs import ModelArguments, RecipeError, parse_recipe  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))  # tests/cli.py (process-tree timeouts), tests/lerobot_pi05_reference.py
 
@@ -270,6 +267,8 @@ class Deadline:
 def guarded(fn: Callable[[], dict], device: Device, deadline: Deadline, reserve: float) -> tuple[str, dict]:
     """(status, figures) of one row: OOM and unsupported modes become rows, and so does any other failure (its
     traceback printed), so one broken row does not cost the rest of a lent GPU's minutes."""
+    from vla_recipes.configs import RecipeError
+
     if deadline.left() < reserve:
         return "skipped: deadline", {}
     status, figures, start = "ok", {}, time.perf_counter()
@@ -304,6 +303,8 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 def write_base(model_type: str, data: Data, folder: Path, device: Device, tiny: bool) -> Path:
     """A random model of the real size (``tiny``: the tests' tiny size) saved with its processor, as ``load_model``
     saves the base of an adapter run, but initialised on the device in bfloat16 (a 7B init on the CPU takes minutes)."""
+    from vla_recipes.configs import ModelArguments
+
     model_args = ModelArguments(model_config=tiny_config(model_type) if tiny else {"model_type": model_type})
     config, family = configured_config(model_args, data)
     torch.manual_seed(0)
@@ -316,6 +317,8 @@ def write_base(model_type: str, data: Data, folder: Path, device: Device, tiny: 
 
 def recipe_args(recipe: str, base: Path, data: Data, out: Path, device: Device, batch: int, steps: int, ckpt: bool):
     """The family's recipe YAML on the random base and the synthetic data, ``steps`` + 1 steps, nothing saved."""
+    from vla_recipes.configs import parse_recipe
+
     fields = yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())
     fields |= {
         "model_name_or_path": str(base),
@@ -346,6 +349,8 @@ def recipe_args(recipe: str, base: Path, data: Data, out: Path, device: Device, 
 
 def train_row(recipe: str, base: Path, data: Data, folder: Path, device: Device, batch: int, steps: int, ckpt: bool):
     """Peak memory and step time of one recipe, built and trained as recipes/sft.py does it."""
+    from train_step import StepClock, intervals
+
     model_type = recipe.split("/")[0]
     model_args, _, args = recipe_args(recipe, base, data, folder / "run", device, batch, steps, ckpt)
     model, processor, family = build_model(
@@ -376,6 +381,7 @@ def lerobot_row(data: Data, folder: Path, device: Device, batch: int, steps: int
     from lerobot.policies.pi05.modeling_pi05 import PI05Policy
     from lerobot.policies.pi05.processor_pi05 import make_pi05_pre_post_processors
     from lerobot_pi05_reference import Reference, patch_lerobot_tiny, patch_tokenizer
+    from train_step import LeRobotLoop
 
     from vla_recipes.models.char_tokenizer import build_gemma_like_tokenizer
     from vla_recipes.models.pi05 import TINY_PI05_CONFIG, Pi05Config
