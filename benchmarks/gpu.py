@@ -103,7 +103,10 @@ class Device:
         return torch.bfloat16 if self.bf16 else torch.float32
 
     def name(self) -> str:
-        return torch.cuda.get_device_name() if self.cuda else f"CPU ({platform.processor() or platform.machine()})"
+        if not self.cuda:
+            return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        memory = torch.cuda.get_device_properties(0).total_memory / 1e9
+        return f"{torch.cuda.get_device_name()} ({memory:.0f} GB, CUDA {torch.version.cuda})"
 
     def clock(self) -> float:
         if self.cuda:
