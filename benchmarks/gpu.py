@@ -134,7 +134,7 @@ class Report:
     """Rows by table, written as JSON and Markdown after every row (a run stopped midway keeps its rows)."""
 
     def __init__(self, out: Path, header: dict) -> None:
-        self.out, self.header = out, header
+        self.out, self.header, self.start = out, header, time.perf_counter()
         self.tables: dict[str, list[dict]] = {"train": [], "lerobot": [], "latency": [], "fsdp": []}
         self.lock = threading.Lock()
         out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ class Report:
         return [row for rows in self.tables.values() for row in rows if row["status"].startswith("error")]
 
     def write(self) -> None:
-        self.header["wall_s"] = round(time.perf_counter() - self.header["start"], 1)
+        self.header["wall_s"] = round(time.perf_counter() - self.start, 1)
         data = {"header": self.header, **self.tables}
         (self.out / "gpu.json").write_text(json.dumps(data, indent=2, default=str))
         (self.out / "gpu.md").write_text(markdown(data))
@@ -558,7 +558,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed optimizer steps per row after 1 warm-up (3; --tiny: 1)")
     parser.add_argument("--repeats", type=int, help="timed predict_action calls per latency figure (5; --tiny: 1)")
     parser.add_argument("--deadline", type=float, help="hard limit in seconds (default: 450 on CUDA, 170 with --tiny)")
-    parser.add_argument("--tmp", type=Path, help="folder for the random bases (needs ~25 GB at the real sizes)")
+    parser.add_argument("--tmp", type=Path, help="folder for the random bases (~16 GB free at the real sizes)")
     parser.add_argument("--families", nargs="+", choices=list(RECIPES), default=list(RECIPES), help="e.g. a rerun")
     parser.add_argument("--no_fsdp", action="store_true", help="leave out the 1-process FSDP2 runs (e.g. a rerun)")
     args = parser.parse_args()
@@ -577,7 +577,7 @@ def main() -> None:
         versions += f", bitsandbytes {bitsandbytes.__version__}"
     header = {"device": device.name(), "tiny": args.tiny, "steps": args.steps, "versions": versions}
     header["dtype"] = str(device.dtype).removeprefix("torch.")
-    report = Report(args.out, header | {"start": time.perf_counter(), "date": time.strftime("%Y-%m-%d %H:%M UTC")})
+    report = Report(args.out, header | {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     deadline = Deadline(args.deadline or (170.0 if args.tiny else 450.0), report)
     print(f"# GPU check on {header['device']}; {versions}", flush=True)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp_dir:
