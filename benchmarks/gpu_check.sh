@@ -11,6 +11,7 @@
 #    unpacks the packages into /tmp/vla_site, checks the imports, prints the card, and runs benchmarks/gpu.py
 #    (hard deadline 450 s) into $OUT (or outputs/gpu): gpu.json, gpu.md and gpu.log.
 #    With the device tool: command "bash benchmarks/gpu_check.sh device", carry [".gpu_site"], timeout_s 560.
+#    (`GPU_PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh device --tiny` rehearses it on a CPU.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,12 +52,12 @@ device() {
     local site=/tmp/vla_site out=${OUT:-outputs/gpu} python=${GPU_PYTHON:-python3}
     [[ -f $ARCHIVE ]] || { echo "error: $ARCHIVE is missing: run 'bash benchmarks/gpu_check.sh prepare' first, and carry .gpu_site" >&2; exit 2; }
     mkdir -p "$site" "$out"
-    tar -C "$site" -xJf "$ARCHIVE"
+    "$python" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" "$ARCHIVE" "$site"
     export PYTHONPATH="$site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     "$python" -c "import torch, transformers, peft, bitsandbytes, lerobot, av, trl, vla_recipes
 print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__,
-      '| bitsandbytes', bitsandbytes.__version__, '| lerobot', lerobot.__version__, '| gpu', torch.cuda.get_device_name())"
+      '| bitsandbytes', bitsandbytes.__version__, '| lerobot', lerobot.__version__, '| cuda', torch.cuda.is_available())"
     set +e
     "$python" benchmarks/gpu.py --out "$out" "$@" 2>&1 | tee "$out/gpu.log"
     local status=${PIPESTATUS[0]}
