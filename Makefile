@@ -7,7 +7,7 @@ DEMO_OUT ?= outputs/demo-openvla
 DEMO_PI05_OUT ?= outputs/demo-pi05
 ACCELERATE := $(BIN)/accelerate launch --config_file accelerate_configs/single_gpu.yaml
 
-.PHONY: install demo demo-pi05 test test-slow bench lint format clean
+.PHONY: install demo demo-pi05 test test-slow bench bench-gpu lint format clean
 
 install: $(VENV)/.installed
 
@@ -42,8 +42,15 @@ test-slow: install
 # the recorded figures are in benchmarks/RESULTS.md.
 bench: install
 	@for script in benchmarks/[!_]*.py; do \
+		[ $$script = benchmarks/gpu.py ] && continue; \
 		echo "== $$script"; BENCH_THREADS=$${BENCH_THREADS:-1} $(BIN)/python $$script || exit 1; \
 	done
+
+# One CUDA device: memory, s/step and latency at the real sizes, < 8 min (outputs/gpu/gpu.md and gpu.json). No GPU:
+# `$(BIN)/python benchmarks/gpu.py --tiny` checks the same code on the CPU. A GPU machine without PyPI:
+# benchmarks/gpu_check.sh.
+bench-gpu: install
+	$(BIN)/python benchmarks/gpu.py --out outputs/gpu
 
 lint: install
 	$(BIN)/ruff check .

@@ -118,25 +118,16 @@ def tiny_config(model_type: str) -> dict:
     return {"model_type": model_type, **copy.deepcopy(tiny)}
 
 
-def build_model(
-    model_type: str,
-    data: Data,
-    output_dir: Path,
-    finetune_mode: str = "full",
-    attn_implementation: str | None = None,
-) -> tuple[Any, Any, Any]:
-    """(model, processor, family) exactly as ``recipes/sft.py`` builds them from a ``model_config`` recipe."""
-    from vla_recipes.configs import ModelArguments
+def configured_config(model_args, data: Data) -> tuple[Any, Any]:
+    """(config, family) of ``model_args``'s model with the data's cameras, dims and statistics, as ``recipes/sft.py``
+    writes them into the config before loading the weights."""
     from vla_recipes.data.lerobot import dataset_norm_stats
     from vla_recipes.families import get_family
-    from vla_recipes.finetuning import apply_finetune_mode, load_config, load_model
+    from vla_recipes.finetuning import load_config
 
-    model_args = ModelArguments(
-        model_config=tiny_config(model_type), finetune_mode=finetune_mode, attn_implementation=attn_implementation
-    )
     config = load_config(model_args)
-    family = get_family(model_type)
-    cameras = list(CAMERAS[:1] if model_type == "openvla" else CAMERAS)
+    family = get_family(config.model_type)
+    cameras = list(CAMERAS[:1] if config.model_type == "openvla" else CAMERAS)
     data_args = data_arguments(data.root, data.horizon)
     norm_mode = family.default_norm_mode(config)
     mask = family.default_action_norm_mask(7) if norm_mode == "bounds_q99" else None
@@ -144,8 +135,32 @@ def build_model(
     family.configure(
         config, data_args, cameras, action_dim=7, state_dim=8, norm_mode=norm_mode, norm_stats=stats
     )  # fmt: skip
+    return config, family
+
+
+def build_model(
+    model_type: str,
+    data: Data,
+    output_dir: Path,
+    finetune_mode: str = "full",
+    attn_implementation: str | None = None,
+    *,
+    model_args: Any = None,
+    gradient_checkpointing: bool = False,
+) -> tuple[Any, Any, Any]:
+    """(model, processor, family) exactly as ``recipes/sft.py`` builds them; ``model_args`` defaults to the tiny
+    ``model_config`` recipe of ``model_type`` in ``finetune_mode``."""
+    from vla_recipes.configs import ModelArguments
+    from vla_recipes.finetuning import apply_finetune_mode, load_model
+
+    if model_args is None:
+        model_args = ModelArguments(
+            model_config=tiny_config(model_type), finetune_mode=finetune_mode, attn_implementation=attn_implementation
+        )
+    config, family = configured_config(model_args, data)
     torch.manual_seed(0)
     model = load_model(model_args, config, family.model_class, str(output_dir))
     processor = family.build_processor(model.config, model_args)
     modules_to_save = family.modules_to_save(model)
-    return apply_finetune_mode(model, model_args, modules_to_save=modules_to_save), processor, family
+    model = apply_finetune_mode(model, model_args, gradient_checkpointing, modules_to_save=modules_to_save)
+    return model, processor, family

@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,13 +36,14 @@ GOAL = 1.05
 
 
 class StepClock(TrainerCallback):
-    """Process CPU time at the end of every optimizer step."""
+    """``clock()`` at the end of every optimizer step (process CPU time by default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.process_time) -> None:
+        self.clock = clock
         self.marks: list[float] = []
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
-        self.marks.append(time.process_time())
+        self.marks.append(self.clock())
 
 
 def intervals(marks: list[float]) -> list[float]:
@@ -111,7 +113,19 @@ def lerobot_sample(sample: dict) -> dict:
 class LeRobotLoop:
     """``lerobot-train``'s setup and loop body for a policy already built (the rest of it is I/O and logging)."""
 
-    def __init__(self, reference, samples: list[dict], batch: int, total_steps: int) -> None:
+    def __init__(
+        self,
+        reference,
+        samples: list[dict],
+        batch: int,
+        total_steps: int,
+        *,
+        cpu: bool = True,
+        mixed_precision: str = "no",
+        clock: Callable[[], float] = time.process_time,
+    ) -> None:
+        """``cpu`` / ``mixed_precision``: what ``accelerate launch`` would give lerobot-train; ``clock``: the time a
+        step is measured in (process CPU time here, synchronised wall time on a GPU)."""
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
         from lerobot.utils.logging_utils import AverageMeter, MetricsTracker
@@ -124,10 +138,11 @@ class LeRobotLoop:
         scheduler = policy.config.get_scheduler_preset().build(optimizer, total_steps)
         self.accelerator = Accelerator(
             step_scheduler_with_optimizer=False,
-            mixed_precision="no",
+            mixed_precision=mixed_precision,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-            cpu=True,
+            cpu=cpu,
         )
+        self.clock = clock
         loader = torch.utils.data.DataLoader([lerobot_sample(s) for s in samples], batch_size=batch, shuffle=True)
         self.policy, self.optimizer, loader, self.scheduler = self.accelerator.prepare(
             policy, optimizer, loader, scheduler
@@ -160,7 +175,7 @@ class LeRobotLoop:
                 lr_scheduler=self.scheduler,
             )
             self.tracker.step()
-            marks.append(time.process_time())
+            marks.append(self.clock())
         return intervals(marks)
 
 

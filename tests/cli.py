@@ -89,8 +89,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def accelerate_launch(script: str, *args: str, config: str = "single_gpu.yaml", **kwargs):
-    """``accelerate launch --config_file accelerate_configs/<config> <script> <args>`` on a free port."""
+def accelerate_launch(
+    script: str, *args: str, config: str = "single_gpu.yaml", num_processes: int | None = None, **kwargs
+):
+    """``accelerate launch --config_file accelerate_configs/<config> <script> <args>`` on a free port;
+    ``num_processes`` overrides the config's (an 8-GPU config on the one GPU at hand)."""
     launcher = [
         sys.executable,
         "-m",
@@ -99,6 +102,8 @@ def accelerate_launch(script: str, *args: str, config: str = "single_gpu.yaml", 
         str(ROOT / "accelerate_configs" / config),
     ]
     launcher += ["--main_process_port", str(free_port())]
+    if num_processes is not None:
+        launcher += ["--num_processes", str(num_processes)]
     if config == "multi_cpu.yaml":  # accelerate's multi-process launcher does not pass the config's use_cpu on
         kwargs["env"] = {"ACCELERATE_USE_CPU": "1", **kwargs.get("env", {})}
     return run([*launcher, str(ROOT / script), *args], **kwargs)

@@ -90,6 +90,15 @@ def patch_lerobot_tiny(monkeypatch: pytest.MonkeyPatch, kind: str, tokenizer_dir
         config.vocab_size = TINY_SIZES["vocab_size"]
         return build_expert(config)
 
+    monkeypatch.setattr(modeling, "PaliGemmaForConditionalGenerationWithPiGemma", tiny_paligemma)
+    monkeypatch.setattr(modeling, "PiGemmaForCausalLM", tiny_expert)
+    patch_tokenizer(monkeypatch, tokenizer_dir)
+    return modeling
+
+
+def patch_tokenizer(monkeypatch: pytest.MonkeyPatch, tokenizer_dir: Path) -> None:
+    """LeRobot's pre-processors load the gated PaliGemma tokenizer by name; make every name load ``tokenizer_dir``."""
+
     class LocalTokenizer:
         """Stands in for transformers.AutoTokenizer: every name resolves to the local Gemma-like tokenizer."""
 
@@ -97,10 +106,7 @@ def patch_lerobot_tiny(monkeypatch: pytest.MonkeyPatch, kind: str, tokenizer_dir
         def from_pretrained(name: str, **kwargs: Any) -> Any:
             return AutoTokenizer.from_pretrained(tokenizer_dir)
 
-    monkeypatch.setattr(modeling, "PaliGemmaForConditionalGenerationWithPiGemma", tiny_paligemma)
-    monkeypatch.setattr(modeling, "PiGemmaForCausalLM", tiny_expert)
     monkeypatch.setattr(tokenizer_processor, "AutoTokenizer", LocalTokenizer)
-    return modeling
 
 
 def redraw_weights(policy: torch.nn.Module, seed: int = 0) -> None:

@@ -65,3 +65,16 @@ def test_char_tokenizer_action_strings_retokenize_to_the_same_ids() -> None:
     ids = action_tokenizer.encode(actions)
     assert ids.min() >= 355 - 256 and ids.max() <= 354
     assert tokenizer(action_tokenizer(actions), add_special_tokens=False)["input_ids"] == ids.tolist()
+
+
+def test_char_tokenizer_spans_a_real_size_vocabulary() -> None:
+    """A random openvla-7b (benchmarks/gpu.py, a real-size ``model_config``) gets a tokenizer of its 32000 ids: the
+    action bins are its last 256 ids and the pad comes after them, as with Llama's."""
+    tokenizer = build_llama_like_tokenizer(vocab_size=32000)
+    action_tokenizer = ActionTokenizer(tokenizer)
+    assert action_tokenizer.vocab_size == 32000 and tokenizer.pad_token_id == 32000
+    ids = action_tokenizer.encode(np.array([-1.0, 0.0, 1.0]))
+    assert ids.min() >= 32000 - 256 and ids.max() <= 31999
+    assert (
+        tokenizer(action_tokenizer(np.array([-1.0, 0.0, 1.0])), add_special_tokens=False)["input_ids"] == ids.tolist()
+    )

@@ -110,7 +110,9 @@ class OpenVLAFamily(Family):
         tokenizer = (
             AutoTokenizer.from_pretrained(tokenizer_name_or_path)
             if tokenizer_name_or_path
-            else build_llama_like_tokenizer(config.n_action_bins)
+            else build_llama_like_tokenizer(
+                config.n_action_bins, vocab_size=config.text_config.vocab_size - config.pad_to_multiple_of
+            )
         )
         return OpenVLAProcessor(image_processor=OpenVLAImageProcessor.for_model(config), tokenizer=tokenizer)
 

@@ -50,15 +50,16 @@ def build_char_tokenizer(
     return tokenizer
 
 
-def build_llama_like_tokenizer(num_action_bins: int = 256) -> PreTrainedTokenizerFast:
-    """OpenVLA's layout: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ..., action-bin tail, then ``<PAD>``."""
+def build_llama_like_tokenizer(num_action_bins: int = 256, vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """OpenVLA's layout: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ..., action-bin tail, then ``<PAD>``.
+
+    ``vocab_size``: the base vocabulary to span (without the pad), for a random model of a real size (openvla-7b:
+    32000): the reserved tail grows to fill it, so the action bins stay its last ``num_action_bins`` ids.
+    """
+    specials = ["<unk>", "<s>", "</s>"]
+    num_reserved = max(num_action_bins, (vocab_size or 0) - len(specials) - len(_CHARS))
     return build_char_tokenizer(
-        ["<unk>", "<s>", "</s>"],
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<PAD>",
-        num_reserved=num_action_bins,
+        specials, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<PAD>", num_reserved=num_reserved
     )
 
 
