@@ -16,6 +16,7 @@ connections, requests in flight are answered, then connections close with 1001 (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import http
 import logging
@@ -76,7 +77,8 @@ class PolicyServer:
     def stop(self) -> None:
         """Ask a running server to shut down gracefully; safe from any thread."""
         if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+            with contextlib.suppress(RuntimeError):  # the loop has already ended (stopped twice): nothing to stop
+                self._loop.call_soon_threadsafe(self._stop.set)
 
     async def serve(self, handle_signals: bool = False) -> None:
         self._loop, self._stop, self._idle = asyncio.get_running_loop(), asyncio.Event(), asyncio.Condition()
