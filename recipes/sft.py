@@ -25,6 +25,7 @@ from vla_recipes.data.lerobot import (
     episode_split,
     feature_dim,
     load_metadata,
+    relative_action_mask,
     resolve_camera_keys,
 )
 from vla_recipes.data.state_selection import state_selection
@@ -75,15 +76,17 @@ def train(model_args, data_args, training_args, claim: OutputDirClaim) -> None:
     tasks = check_episode_data(meta, data_args, train_episodes + (eval_episodes or []))  # chunk length, NaN/inf
     check_videos(meta, data_args, camera_keys, train_episodes + (eval_episodes or []))  # missing or corrupt files
     action_dim = feature_dim(meta, data_args.action_key)
+    state_dim = feature_dim(meta, data_args.state_key) if data_args.state_key else None
+    state_dim = len(state_indices) if state_indices is not None else state_dim  # the dims the model sees
+    relative_mask = relative_action_mask(data_args, action_dim, state_dim)  # None: absolute actions
     norm_mode = data_args.norm_mode or family.default_norm_mode(config)
     mask = data_args.action_norm_mask or (
         family.default_action_norm_mask(action_dim) if norm_mode == "bounds_q99" else None
     )
-    norm_stats = dataset_norm_stats(meta, data_args, norm_mode, mask, train_episodes)
-    state_dim = feature_dim(meta, data_args.state_key) if data_args.state_key else None
+    norm_stats = dataset_norm_stats(meta, data_args, norm_mode, mask, train_episodes, relative_mask)
     family.configure(
         config, data_args, camera_keys, action_dim=action_dim, norm_mode=norm_mode, norm_stats=norm_stats,
-        state_dim=len(state_indices) if state_indices is not None else state_dim, state_indices=state_indices,
+        state_dim=state_dim, state_indices=state_indices, relative_action_mask=relative_mask,
     )  # fmt: skip
 
     check_push_to_hub(training_args)  # a run that cannot push fails now, not after training

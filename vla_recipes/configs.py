@@ -125,6 +125,28 @@ class DataArguments:
     eval_episodes: list[str] | None = field(
         default=None, metadata={"help": "Held-out episodes for evaluation: indices and ranges like '40:50'."}
     )
+    tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Train and evaluate only on the episodes of these tasks: exact task strings, or 're:<regex>' "
+            "(matched against the whole task); combined with train_episodes / eval_episodes. Default: every task."
+        },
+    )
+    relative_actions: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on actions relative to the current state (openpi's DeltaActions, LeRobot's "
+            "use_relative_actions): action dim i minus state dim i (the state after state_indices) on the dims of "
+            "relative_action_mask; statistics are those of the relative actions; predict_action adds the state back."
+        },
+    )
+    relative_action_mask: list[bool] | None = field(
+        default=None,
+        metadata={
+            "help": "Per action dim, relative (true) or absolute; dims past the list stay absolute. Default: all but "
+            "the last (the gripper), openpi's make_bool_mask(n - 1, -1)."
+        },
+    )
     norm_mode: str | None = field(
         default=None,
         metadata={"help": f"One of {', '.join(NORM_MODES)}; default: the model's (OpenVLA bounds_q99)."},
@@ -188,6 +210,8 @@ class DataArguments:
             raise RecipeError(f"camera_keys lists a camera twice: {self.camera_keys}")
         if self.action_horizon < 1:
             raise RecipeError(f"action_horizon must be >= 1, got {self.action_horizon}")
+        if self.tasks is not None and not self.tasks:
+            raise RecipeError("tasks is empty: list the tasks to train on, or drop the key for every task")
         if self.norm_mode is not None and self.norm_mode not in NORM_MODES:
             raise RecipeError(f"norm_mode={self.norm_mode!r} is not one of {', '.join(NORM_MODES)}")
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vla_recipes.data.normalize import normalize
+from vla_recipes.data.relative_actions import to_relative
 from vla_recipes.models.openvla.processing_openvla import build_prompt
 from vla_recipes.models.pi05.flow_matching import sample_noise, sample_time
 
@@ -61,7 +62,9 @@ class FlowMatchingDataCollator:
     """pi0.5 / pi0 batches: the processor's image, prompt (and pi0 state) tensors plus normalised action chunks.
 
     Actions are normalised with the processor's statistics (the model config's), so training sees exactly
-    what ``predict_action`` un-normalises; ``action_is_pad`` marks chunk steps past an episode's end.
+    what ``predict_action`` un-normalises; ``action_is_pad`` marks chunk steps past an episode's end. With the
+    processor's ``relative_action_mask`` (``relative_actions``) they are first made relative to the sample's state,
+    in float64 (``relative_actions``), and the processor's ``reference_state`` (for ``predict_action``) is dropped.
 
     Given the model ``config``, each sample's flow-matching ``noise`` and ``time`` are drawn here with the model's
     own sampling, seeded by the sample's ``seed`` (``VLADataset``), instead of by the model from the global RNG
@@ -73,12 +76,13 @@ class FlowMatchingDataCollator:
     config: object | None = None  # Pi05Config
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        inputs = self.processor(
-            images=[s["images"] for s in samples],
-            text=[s["task"] for s in samples],
-            state=torch.stack([s["state"] for s in samples]),
-        )
-        actions = torch.stack([s["actions"] for s in samples]).float()
+        state = torch.stack([s["state"] for s in samples])
+        inputs = self.processor(images=[s["images"] for s in samples], text=[s["task"] for s in samples], state=state)
+        inputs.pop("reference_state", None)
+        actions = torch.stack([s["actions"] for s in samples])
+        if (mask := getattr(self.processor, "relative_action_mask", None)) is not None:
+            actions = to_relative(actions.double(), state.double(), mask)
+        actions = actions.float()
         batch = {
             **inputs,
             "actions": self.processor.normalize_actions(actions),
