@@ -103,6 +103,15 @@ class DataArguments:
     dataset_repo_id: str = field(
         default=None, metadata={"help": "LeRobot dataset (v3.0) repo id, e.g. lerobot/libero_spatial_image."}
     )
+    datasets: list[dict] | None = field(
+        default=None,
+        metadata={
+            "help": "A weighted mixture instead of dataset_repo_id: a list of entries, each with dataset_repo_id and "
+            "optionally name, weight (default 1), dataset_root, dataset_revision, camera_keys, state_key, "
+            "action_key, state_indices, train_episodes, eval_episodes, tasks; other data keys are shared. Samples "
+            "are drawn by weight; statistics are per dataset, saved under its name (predict_action's unnorm_key)."
+        },
+    )
     dataset_root: str | None = field(default=None, metadata={"help": "Local folder of the dataset (optional)."})
     dataset_revision: str | None = field(default=None, metadata={"help": "Dataset revision (branch, tag, commit)."})
     camera_keys: list[str] | None = field(
@@ -199,8 +208,15 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.dataset_repo_id is None:
-            raise RecipeError("dataset_repo_id is required (a LeRobot dataset repo id; dataset_root for a local copy)")
+        if self.datasets is not None:
+            from vla_recipes.data.mixture import check_mixture_recipe
+
+            check_mixture_recipe(self)
+        elif self.dataset_repo_id is None:
+            raise RecipeError(
+                "dataset_repo_id is required (a LeRobot dataset repo id; dataset_root for a local copy), or datasets "
+                "for a mixture"
+            )
         if self.camera_keys is not None and not self.camera_keys:
             raise RecipeError(
                 "camera_keys is empty: list the cameras the model sees (e.g. [observation.images.image]), or drop "

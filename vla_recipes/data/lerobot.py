@@ -349,9 +349,11 @@ class VLADataset(Dataset):
         augment: bool = False,
         seed: int = 0,
         frame_resize: FrameResize | None = None,
+        name: str | None = None,
     ):
         from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
+        self.name = name  # a mixture entry's name: samples carry it as "dataset" (their statistics' key)
         self.camera_keys = camera_keys
         self.state_key = data_args.state_key
         selected = state_selection(meta, data_args)  # the dims the model sees (None: all)
@@ -392,7 +394,7 @@ class VLADataset(Dataset):
             with torch.random.fork_rng(devices=[]):  # the global RNG stream is left as it was
                 torch.manual_seed(sample_seed(self.seed, self.epoch, idx, stream=0))
                 images = [self.augment(image) for image in images]
-        return {
+        sample = {
             "images": images,
             "state": state,
             "actions": actions,
@@ -400,3 +402,4 @@ class VLADataset(Dataset):
             "task": item.get("task", ""),
             "seed": sample_seed(self.seed, self.epoch, idx, stream=1),  # the sample's flow-matching noise and time
         }
+        return sample | {"dataset": self.name} if self.name is not None else sample

@@ -390,6 +390,7 @@ class Pi05ForActionPrediction(AdapterFolderMixin, PreTrainedModel):
                 "config.norm_stats is empty, so actions cannot be returned in dataset units; set it to the training "
                 "set's statistics or call sample_actions() for normalised actions"
             )
+        unnorm_key = unnorm_key or getattr(config, "default_unnorm_key", None)  # a mixture's heaviest dataset
         stats = select_stats(config.norm_stats, unnorm_key).get("action", {})
         check_stats(stats, config.norm_mode, "action")
         sizes = {len(v) for k, v in stats.items() if k != "mask"}

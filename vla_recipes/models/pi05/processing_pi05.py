@@ -46,9 +46,11 @@ class Pi05Processor(ProcessorMixin):
         norm_mode: str = "quantiles",
         norm_stats: dict[str, Any] | None = None,
         relative_action_mask: list[bool] | None = None,
+        default_unnorm_key: str | None = None,
     ) -> None:
         self.pi05 = pi05
         self.relative_action_mask = relative_action_mask
+        self.default_unnorm_key = default_unnorm_key  # a mixture's heaviest dataset
         self.max_length = max_length
         self.norm_mode = norm_mode
         self.norm_stats = norm_stats
@@ -65,6 +67,7 @@ class Pi05Processor(ProcessorMixin):
             norm_mode=config.norm_mode,
             norm_stats=config.norm_stats,
             relative_action_mask=getattr(config, "relative_action_mask", None),
+            default_unnorm_key=getattr(config, "default_unnorm_key", None),
         )
 
     def __call__(
@@ -130,7 +133,7 @@ class Pi05Processor(ProcessorMixin):
             return x
         if not self.norm_stats:
             raise ValueError(f"norm_mode={self.norm_mode!r} needs norm_stats, which this processor does not have")
-        stats = select_stats(self.norm_stats, unnorm_key).get(feature, {})
+        stats = select_stats(self.norm_stats, unnorm_key or self.default_unnorm_key).get(feature, {})
         check_stats(stats, self.norm_mode, feature)
         dims = {len(value) for key, value in stats.items() if key != "mask"}
         if dims != {x.shape[-1]}:
