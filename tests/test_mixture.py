@@ -177,3 +177,34 @@ def test_mixture_entries_that_do_not_fit_fail_before_the_weights(
     with pytest.raises(RecipeError) as error:
         sft.main(["--config", path])
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_a_resumed_mixture_run_draws_the_same_samples(tmp_path, dataset_root, two_camera_root, monkeypatch):
+    """6 steps over 2 epochs of 32 draws, resumed from step 3: the same losses as the uninterrupted run (the
+    mixture's draws, and each sample's noise, follow from the seed and the epoch)."""
+    import shutil
+
+    monkeypatch.setenv("VLA_RECIPES_CACHE", str(tmp_path / "cache"))
+    sft = load_script("sft")
+    overrides = {"max_steps": 6, "save_strategy": "steps", "save_steps": 3, "relative_actions": True}
+
+    def run(folder: str, *extra: str) -> dict[int, float]:
+        path = recipe(tmp_path / folder, dataset_root, two_camera_root, **overrides)
+        values = yaml.safe_load(Path(path).read_text())
+        for entry in values["datasets"]:
+            entry |= {"train_episodes": ["0:1"], "eval_episodes": None}  # 16 + 16 frames: 4 steps an epoch
+        values["output_dir"] = str(tmp_path / folder / "out")
+        Path(path).write_text(yaml.safe_dump(values))
+        sft.main(["--config", path, *extra])
+        history = json.loads((tmp_path / folder / "out" / "trainer_state.json").read_text())["log_history"]
+        return {e["step"]: e["loss"] for e in history if "loss" in e}
+
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "resumed").mkdir()
+    reference = run("reference")
+    checkpoint = shutil.copytree(tmp_path / "reference/out/checkpoint-3", tmp_path / "resumed/out/checkpoint-3")
+    written = (checkpoint / "trainer_state.json").stat().st_mtime_ns
+    resumed = run("resumed", "--resume_from_checkpoint", str(checkpoint))
+    assert (checkpoint / "trainer_state.json").stat().st_mtime_ns == written  # continued from it, not retrained
+    assert sorted(reference) == sorted(resumed) == list(range(1, 7)), (reference, resumed)  # 1-3: the checkpoint's
+    assert all(abs(reference[s] - resumed[s]) <= 1e-6 for s in (4, 5, 6)), (reference, resumed)
