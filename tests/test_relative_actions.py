@@ -154,3 +154,28 @@ def test_trained_on_relative_actions_predicts_absolute_ones(tmp_path, dataset_ro
     monkeypatch.setattr(sft, "load_model", lambda *a, **k: pytest.fail("the weights loaded"))
     with pytest.raises(RecipeError, match="relative_actions: OpenVLA sees no robot state"):
         sft.main(["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"state_key": None}, "relative_actions: true makes actions relative to the state, but state_key is None; set"),
+        ({"relative_action_mask": [True] * 8}, "relative_action_mask has 8 entries but the action 'action' has 7 dims"),
+        (
+            {"state_indices": ["6"]},
+            "relative_action_mask makes action dim 5 relative, but the state the model sees has 1",
+        ),
+    ],
+)
+def test_sft_refuses_bad_relative_settings_before_the_weights(tmp_path, dataset_root, monkeypatch, overrides, message):
+    sft = load_script("sft")
+    monkeypatch.setenv("VLA_RECIPES_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sft, "load_model", lambda *a, **k: pytest.fail("the weights loaded"))
+    values = {**DEMOS["pi05"], "dataset_root": dataset_root, "camera_keys": ["observation.images.image"]}
+    values |= {"train_episodes": ["0:5"], "eval_episodes": None, "action_horizon": HORIZON, "relative_actions": True}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values | {"output_dir": str(tmp_path / "out"), **overrides}))
+    with pytest.raises(RecipeError) as error:
+        sft.main(["--config", str(path)])
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
