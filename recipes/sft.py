@@ -17,17 +17,7 @@ from transformers import set_seed
 from vla_recipes.checkpointing import check_optimizer_state, check_resume_recipe, resolve_resume, run_recipe
 from vla_recipes.configs import RecipeError, parse_recipe
 from vla_recipes.data.frame_cache import frame_resize_for
-from vla_recipes.data.lerobot import (
-    VLADataset,
-    check_episode_data,
-    check_videos,
-    dataset_norm_stats,
-    episode_split,
-    feature_dim,
-    load_metadata,
-    resolve_camera_keys,
-)
-from vla_recipes.data.state_selection import state_selection
+from vla_recipes.data.run_data import check_mixture_dims, eval_data, prepare_entries, training_data
 from vla_recipes.distributed import check_strategy, end_training, save_full_weights, use_fsdp_blocks
 from vla_recipes.families import get_family
 from vla_recipes.finetuning import (
@@ -68,27 +58,24 @@ def train(model_args, data_args, training_args, claim: OutputDirClaim) -> None:
     check_finetune_mode(model_args, family.supported_modes)
     check_lora_targets(model_args, config, family.model_class)
     check_strategy(model_args, training_args)  # what the accelerate config (DDP / FSDP / ZeRO) cannot run
-    meta = load_metadata(data_args)
-    camera_keys = resolve_camera_keys(meta, data_args)
-    state_indices = state_selection(meta, data_args)  # the state dims the model sees (None: every dim)
-    train_episodes, eval_episodes = episode_split(meta, data_args)
-    tasks = check_episode_data(meta, data_args, train_episodes + (eval_episodes or []))  # chunk length, NaN/inf
-    check_videos(meta, data_args, camera_keys, train_episodes + (eval_episodes or []))  # missing or corrupt files
-    action_dim = feature_dim(meta, data_args.action_key)
     norm_mode = data_args.norm_mode or family.default_norm_mode(config)
-    mask = data_args.action_norm_mask or (
-        family.default_action_norm_mask(action_dim) if norm_mode == "bounds_q99" else None
-    )
-    norm_stats = dataset_norm_stats(meta, data_args, norm_mode, mask, train_episodes)
-    state_dim = feature_dim(meta, data_args.state_key) if data_args.state_key else None
+    entries = prepare_entries(data_args, family, norm_mode)  # each dataset's checks and statistics
+    first, default = next(iter(entries.values())), max(entries, key=lambda name: entries[name].weight)
+    check_mixture_dims(entries)  # one action / state layout for the model
+    slots = max((e.camera_keys for e in entries.values()), key=len)  # the model's camera slots
+    mixture = data_args.datasets is not None
+    norm_stats = {
+        name: e.norm_stats | ({"state_indices": e.state_indices} if mixture else {}) for name, e in entries.items()
+    }
     family.configure(
-        config, data_args, camera_keys, action_dim=action_dim, norm_mode=norm_mode, norm_stats=norm_stats,
-        state_dim=len(state_indices) if state_indices is not None else state_dim, state_indices=state_indices,
+        config, data_args, slots, action_dim=first.action_dim, norm_mode=norm_mode, norm_stats=norm_stats,
+        state_dim=first.state_dim, state_indices=entries[default].state_indices,
+        relative_action_mask=first.relative_mask, default_unnorm_key=default if mixture else None,
     )  # fmt: skip
 
     check_push_to_hub(training_args)  # a run that cannot push fails now, not after training
     processor = family.build_processor(config, model_args)
-    family.check_prompts(processor, config, tasks)  # every task's prompt fits the model's sequence
+    family.check_prompts(processor, config, sorted({t for e in entries.values() for t in e.tasks}))  # prompts fit
     claim.replace_previous_run(resume)  # overwrite_output_dir: the previous run goes, checkpoints included
     model = load_model(model_args, config, family.model_class, training_args.output_dir)
     model = apply_finetune_mode(
@@ -102,29 +89,21 @@ def train(model_args, data_args, training_args, claim: OutputDirClaim) -> None:
         model=model,
         args=training_args,
         processor=processor,
-        train_dataset=VLADataset(
-            meta,
-            data_args,
-            camera_keys,
-            train_episodes,
-            augment=data_args.image_augmentation,
-            seed=training_args.seed,
-            frame_resize=frame_resize,
-        ),
-        eval_dataset=VLADataset(meta, data_args, camera_keys, eval_episodes, frame_resize=frame_resize)
-        if eval_episodes
-        else None,
+        train_dataset=training_data(entries, data_args, training_args.seed, frame_resize, mixture),
+        eval_dataset=eval_data(entries, frame_resize, mixture),
     )
     use_fsdp_blocks(trainer, model)
-    logger.info(
-        "training %s (%s) on %s: %d train / %d eval episodes, norm_mode=%s",
-        family.model_type,
-        model_args.finetune_mode,
-        data_args.dataset_repo_id,
-        len(train_episodes),
-        len(eval_episodes or []),
-        norm_mode,
-    )
+    for name, e in entries.items():
+        logger.info(
+            "training %s (%s) on %s%s: %d train / %d eval episodes, norm_mode=%s",
+            family.model_type,
+            model_args.finetune_mode,
+            name,
+            f" (weight {e.weight:g})" if mixture else "",
+            len(e.train_episodes),
+            len(e.eval_episodes or []),
+            norm_mode,
+        )
     trainer.recipe = recipe
     claim.training_started = True
     result = trainer.train(resume_from_checkpoint=resume)

@@ -229,7 +229,7 @@ def test_sft_refuses_before_loading_the_model(tmp_path, dataset_root, monkeypatc
     for key, value in env.items():
         if key.startswith(("FSDP_", "ACCELERATE_")):
             monkeypatch.setenv(key, value)
-    monkeypatch.setattr(sft, "load_metadata", lambda *_: pytest.fail("the dataset was read before the check"))
+    monkeypatch.setattr("vla_recipes.data.run_data.load_metadata", lambda *_: pytest.fail("the dataset was read early"))
     with pytest.raises(RecipeError, match="finetune_mode='qlora' under FSDP shards the 4-bit base"):
         sft.main(["--config", str(recipe)])
     assert not (tmp_path / "recipe" / "base_model").exists()  # where a qlora run writes its random base first

@@ -14,7 +14,7 @@ import pytest
 from cli import ROOT
 
 from vla_recipes.configs import RecipeError, parse_recipe
-from vla_recipes.data.lerobot import resolve_camera_keys
+from vla_recipes.data.lerobot import relative_action_mask, resolve_camera_keys
 from vla_recipes.data.state_selection import state_selection
 from vla_recipes.families import get_family
 from vla_recipes.models.openvla import OpenVLAConfig
@@ -49,6 +49,14 @@ DATASETS: dict[str, dict[str, tuple[int, ...] | str]] = {
     },
     # lerobot docs/source/robomme.mdx, "Dataset features": raw key names.
     "lerobot/robomme": {"image": "video", "wrist_image": "video", "state": (8,), "actions": (8,)},
+    # The dataset card of Traly/calvin_abc_d-lerobot (CALVIN ABC-D, v3.0): state = EE pos 3, Euler 3, gripper width,
+    # joints 7, gripper action; action = absolute EE pos 3 + Euler 3 + gripper.
+    "Traly/calvin_abc_d-lerobot": {
+        "observation.images.top": "video",
+        "observation.images.wrist": "video",
+        "observation.state": (15,),
+        "action": (7,),
+    },
     # lerobot envs/configs.py MetaworldEnv.features_map (top camera -> observation.image, agent_pos 4, action 4).
     "lerobot/metaworld_mt50": {"observation.image": "video", "observation.state": (4,), "action": (4,)},
 }
@@ -79,9 +87,10 @@ def test_the_catalogue_is_complete() -> None:
     shipped = {name(p) for p in REAL}
     assert {f"recipes/pi05/libero/{mode}.yaml" for mode in ("full", "expert_only", "lora", "qlora")} <= shipped
     assert {f"recipes/openvla/libero_spatial/{mode}.yaml" for mode in ("full", "lora", "qlora")} <= shipped
-    for folder in ("behavior1k", "maniskill", "metaworld", "custom"):
+    for folder in ("behavior1k", "maniskill", "metaworld", "custom", "calvin"):
         assert any(s.startswith(f"recipes/pi05/{folder}/") for s in shipped), folder
-    assert any(s.startswith("recipes/pi0/libero/") for s in shipped)
+    for folder in ("libero", "maniskill"):
+        assert any(s.startswith(f"recipes/pi0/{folder}/") for s in shipped), folder
 
 
 @pytest.mark.parametrize("path", [p for p in REAL if "custom" not in p.parts], ids=name)
@@ -97,16 +106,21 @@ def test_real_recipe_names_features_its_dataset_has(path: Path) -> None:
     openvla = "openvla" in path.parts
     config = OpenVLAConfig() if openvla else Pi05Config(pi05="pi0" not in path.parts)
     selected = state_selection(meta, data_args)  # sft.py's: the state dims the model sees (None: all)
+    action_dim = features[data_args.action_key][0]
+    state_dim = len(selected) if selected is not None else features[data_args.state_key][0]
     fields = {
-        "action_dim": features[data_args.action_key][0],
-        "state_dim": len(selected) if selected is not None else features[data_args.state_key][0],
+        "action_dim": action_dim,
+        "state_dim": state_dim,
         "norm_mode": data_args.norm_mode,
         "norm_stats": {},
         "state_indices": selected,
+        "relative_action_mask": relative_action_mask(data_args, action_dim, state_dim),  # sft.py's check
     }
     get_family(config.model_type).configure(config, data_args, cameras, **fields)  # the dims fit the model
     assert config.action_dim == fields["action_dim"] and config.camera_keys == cameras
     assert config.state_indices == (B1K_STATE if "behavior1k" in path.parts else None)
+    # CALVIN trains relative EE targets (state dims 0-5 are the action's EE pose), the gripper absolute.
+    assert config.relative_action_mask == ([True] * 6 + [False] if "calvin" in path.parts else None)
 
 
 def test_behavior1k_without_state_indices_is_refused_naming_the_key() -> None:

@@ -100,7 +100,8 @@ MODEL_KEYS = ("model_type", "model_config", "finetune_mode", "lora_r", "lora_alp
 # samples at each step, so that the resumed run can no longer equal an uninterrupted one.
 EXACTNESS_KEYS = (
     "model_name_or_path", "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "seed",
-    "data_seed", "dataset_repo_id", "train_episodes", "camera_keys", "action_horizon", "image_augmentation",
+    "data_seed", "dataset_repo_id", "train_episodes", "tasks", "camera_keys", "action_horizon", "image_augmentation",
+    "relative_actions", "relative_action_mask", "datasets",
 )  # fmt: skip
 # Keys a resume accepts as transformers does, but whose effect is not what the new value suggests: warned.
 SCHEDULE_KEYS = (

@@ -103,6 +103,15 @@ class DataArguments:
     dataset_repo_id: str = field(
         default=None, metadata={"help": "LeRobot dataset (v3.0) repo id, e.g. lerobot/libero_spatial_image."}
     )
+    datasets: list[dict] | None = field(
+        default=None,
+        metadata={
+            "help": "A weighted mixture instead of dataset_repo_id: a list of entries, each with dataset_repo_id and "
+            "optionally name, weight (default 1), dataset_root, dataset_revision, camera_keys, state_key, "
+            "action_key, state_indices, train_episodes, eval_episodes, tasks; other data keys are shared. Samples "
+            "are drawn by weight; statistics are per dataset, saved under its name (predict_action's unnorm_key)."
+        },
+    )
     dataset_root: str | None = field(default=None, metadata={"help": "Local folder of the dataset (optional)."})
     dataset_revision: str | None = field(default=None, metadata={"help": "Dataset revision (branch, tag, commit)."})
     camera_keys: list[str] | None = field(
@@ -124,6 +133,28 @@ class DataArguments:
     )
     eval_episodes: list[str] | None = field(
         default=None, metadata={"help": "Held-out episodes for evaluation: indices and ranges like '40:50'."}
+    )
+    tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Train and evaluate only on the episodes of these tasks: exact task strings, or 're:<regex>' "
+            "(matched against the whole task); combined with train_episodes / eval_episodes. Default: every task."
+        },
+    )
+    relative_actions: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on actions relative to the current state (openpi's DeltaActions, LeRobot's "
+            "use_relative_actions): action dim i minus state dim i (the state after state_indices) on the dims of "
+            "relative_action_mask; statistics are those of the relative actions; predict_action adds the state back."
+        },
+    )
+    relative_action_mask: list[bool] | None = field(
+        default=None,
+        metadata={
+            "help": "Per action dim, relative (true) or absolute; dims past the list stay absolute. Default: all but "
+            "the last (the gripper), openpi's make_bool_mask(n - 1, -1)."
+        },
     )
     norm_mode: str | None = field(
         default=None,
@@ -177,8 +208,15 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.dataset_repo_id is None:
-            raise RecipeError("dataset_repo_id is required (a LeRobot dataset repo id; dataset_root for a local copy)")
+        if self.datasets is not None:
+            from vla_recipes.data.mixture import check_mixture_recipe
+
+            check_mixture_recipe(self)
+        elif self.dataset_repo_id is None:
+            raise RecipeError(
+                "dataset_repo_id is required (a LeRobot dataset repo id; dataset_root for a local copy), or datasets "
+                "for a mixture"
+            )
         if self.camera_keys is not None and not self.camera_keys:
             raise RecipeError(
                 "camera_keys is empty: list the cameras the model sees (e.g. [observation.images.image]), or drop "
@@ -188,6 +226,8 @@ class DataArguments:
             raise RecipeError(f"camera_keys lists a camera twice: {self.camera_keys}")
         if self.action_horizon < 1:
             raise RecipeError(f"action_horizon must be >= 1, got {self.action_horizon}")
+        if self.tasks is not None and not self.tasks:
+            raise RecipeError("tasks is empty: list the tasks to train on, or drop the key for every task")
         if self.norm_mode is not None and self.norm_mode not in NORM_MODES:
             raise RecipeError(f"norm_mode={self.norm_mode!r} is not one of {', '.join(NORM_MODES)}")
 

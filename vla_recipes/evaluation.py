@@ -93,7 +93,7 @@ def action_token_ids(model, processor, actions: np.ndarray) -> np.ndarray:
     """OpenVLA's token ids of actions in dataset units: normalised and binned exactly as its training labels."""
     from vla_recipes.models.openvla import ActionTokenizer
 
-    stats = select_stats(model.config.norm_stats, None)["action"]
+    stats = select_stats(model.config.norm_stats, getattr(model.config, "default_unnorm_key", None))["action"]
     tokenizer = ActionTokenizer(processor.tokenizer, bins=model.config.n_action_bins)
     return tokenizer.encode(normalize(np.asarray(actions, dtype=np.float64), stats, model.config.norm_mode))
 
@@ -114,8 +114,9 @@ def open_loop_metrics(model, processor, predictions: OpenLoopPredictions) -> dic
         "num_frames": len(p.predicted),
         **{k: error[k] for k in ("l1", "mse", "l1_per_dim", "mse_per_dim", "l1_per_step", "mse_per_step")},
     }
-    stats = select_stats(model.config.norm_stats, None)["action"]
-    if "mean" in stats:  # the reference a policy must beat: always predicting the mean training action
+    stats = select_stats(model.config.norm_stats, getattr(model.config, "default_unnorm_key", None))["action"]
+    relative = getattr(model.config, "relative_action_mask", None) is not None  # its mean is of relative actions
+    if "mean" in stats and not relative:  # the reference a policy must beat: always predicting the mean action
         real = p.target[~p.is_pad]
         results["baseline_mean_action_l1"] = float(np.abs(real - np.asarray(stats["mean"])).mean())
     if p.predicted_ids is not None:

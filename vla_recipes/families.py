@@ -55,11 +55,17 @@ class Family:
         norm_mode: str,
         norm_stats: dict,
         state_indices: list[int] | None = None,
+        relative_action_mask: list[bool] | None = None,
+        default_unnorm_key: str | None = None,
     ) -> None:
         """Write what the model must remember about the data into its config (saved with the weights).
-        ``state_indices``: the dims of the dataset's state the model sees (None: all); the processor takes those."""
+        ``state_indices``: the dims of the dataset's state the model sees (None: all); the processor takes those.
+        ``relative_action_mask``: the action dims trained relative to the state (None: absolute actions).
+        ``default_unnorm_key``: a mixture's heaviest dataset, whose statistics inference uses by default."""
         config.camera_keys, config.action_horizon, config.action_dim = camera_keys, data_args.action_horizon, action_dim
         config.state_indices = state_indices
+        config.relative_action_mask = relative_action_mask
+        config.default_unnorm_key = default_unnorm_key
         config.norm_mode, config.norm_stats = norm_mode, norm_stats
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
@@ -117,9 +123,14 @@ class OpenVLAFamily(Family):
         return OpenVLAProcessor(image_processor=OpenVLAImageProcessor.for_model(config), tokenizer=tokenizer)
 
     def configure(self, config, data_args, camera_keys, **fields) -> None:
-        """OpenVLA sees one image and no state."""
+        """OpenVLA sees one image and no state (so no relative actions: there is no state to add back)."""
         if len(camera_keys) != 1:
             raise RecipeError(f"OpenVLA sees one camera; camera_keys has {len(camera_keys)}: {camera_keys}")
+        if fields.get("relative_action_mask") is not None:
+            raise RecipeError(
+                "relative_actions: OpenVLA sees no robot state, so its actions cannot be made relative to it (nor "
+                "turned back at inference); drop relative_actions, or train pi0.5 / pi0"
+            )
         super().configure(config, data_args, camera_keys, **fields)
 
     def inference_inputs(self, processor, samples: list[dict]) -> dict:
@@ -155,8 +166,9 @@ class OpenVLAFamily(Family):
         collator = OpenVLADataCollator(
             processor=processor,
             action_tokenizer=action_tokenizer,
-            action_stats=select_stats(config.norm_stats, None)["action"],
+            action_stats=select_stats(config.norm_stats, getattr(config, "default_unnorm_key", None))["action"],
             norm_mode=config.norm_mode,
+            norm_stats=config.norm_stats,
         )
         return OpenVLATrainer(
             model=model,
@@ -215,6 +227,8 @@ class Pi05Family(Family):
         if has_processor:
             processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
             processor.norm_stats, processor.norm_mode = config.norm_stats, config.norm_mode
+            processor.relative_action_mask = getattr(config, "relative_action_mask", None)
+            processor.default_unnorm_key = getattr(config, "default_unnorm_key", None)
             processor.image_processor.camera_keys = list(config.camera_keys)
             return processor
         tokenizer = model_args.tokenizer_name_or_path or (self.default_tokenizer if path is not None else None)

@@ -129,7 +129,8 @@ def _image_names(camera_keys: list[str]) -> str:
 def model_card(trainer, model_args) -> str:
     """A model card with Hub metadata (base model, dataset, robotics tags, eval metrics) and usage."""
     args, config = trainer.args, trainer.model.config
-    datasets = sorted(config.norm_stats or {})
+    mixture = (getattr(trainer, "recipe", None) or {}).get("datasets")  # its norm_stats are keyed by entry name
+    datasets = sorted({e["dataset_repo_id"] for e in mixture}) if mixture else sorted(config.norm_stats or {})
     last_eval = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), {})
     eval_metrics = {
         k: v for k, v in last_eval.items() if k.startswith("eval_") and k not in NOT_METRICS and isinstance(v, float)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vla_recipes.data.normalize import normalize
+from vla_recipes.data.relative_actions import to_relative
 from vla_recipes.models.openvla.processing_openvla import build_prompt
 from vla_recipes.models.pi05.flow_matching import sample_noise, sample_time
 
@@ -28,6 +29,7 @@ class OpenVLADataCollator:
     action_tokenizer: object  # ActionTokenizer
     action_stats: dict
     norm_mode: str = "bounds_q99"
+    norm_stats: dict | None = None  # a mixture's: a sample's "dataset" picks its action statistics
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
@@ -36,7 +38,7 @@ class OpenVLADataCollator:
         prompts = [build_prompt(s["task"]) for s in samples]
         prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
 
-        actions = normalize(torch.stack([s["actions"] for s in samples]).double(), self.action_stats, self.norm_mode)
+        actions = torch.stack([normalize(s["actions"].double(), self._stats(s), self.norm_mode) for s in samples])
         action_ids = torch.as_tensor(self.action_tokenizer.encode(actions.numpy()))  # (B, H, D)
         is_pad = torch.stack([s["action_is_pad"] for s in samples])[..., None].expand_as(action_ids)
         action_labels = action_ids.masked_fill(is_pad, IGNORE_INDEX)
@@ -55,13 +57,18 @@ class OpenVLADataCollator:
             "labels": torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
         }
 
+    def _stats(self, sample: dict) -> dict:
+        return self.norm_stats[sample["dataset"]]["action"] if "dataset" in sample else self.action_stats
+
 
 @dataclass
 class FlowMatchingDataCollator:
     """pi0.5 / pi0 batches: the processor's image, prompt (and pi0 state) tensors plus normalised action chunks.
 
     Actions are normalised with the processor's statistics (the model config's), so training sees exactly
-    what ``predict_action`` un-normalises; ``action_is_pad`` marks chunk steps past an episode's end.
+    what ``predict_action`` un-normalises; ``action_is_pad`` marks chunk steps past an episode's end. With the
+    processor's ``relative_action_mask`` (``relative_actions``) they are first made relative to the sample's state,
+    in float64, and the processor's ``reference_state`` (for ``predict_action``) is dropped.
 
     Given the model ``config``, each sample's flow-matching ``noise`` and ``time`` are drawn here with the model's
     own sampling, seeded by the sample's ``seed`` (``VLADataset``), instead of by the model from the global RNG
@@ -73,20 +80,27 @@ class FlowMatchingDataCollator:
     config: object | None = None  # Pi05Config
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        inputs = self.processor(
-            images=[s["images"] for s in samples],
-            text=[s["task"] for s in samples],
-            state=torch.stack([s["state"] for s in samples]),
-        )
-        actions = torch.stack([s["actions"] for s in samples]).float()
-        batch = {
-            **inputs,
-            "actions": self.processor.normalize_actions(actions),
-            "action_is_pad": torch.stack([s["action_is_pad"] for s in samples]),
-        }
+        groups: dict[str | None, list[int]] = {}  # a mixture's samples, by dataset: each with its own statistics
+        for i, sample in enumerate(samples):
+            groups.setdefault(sample.get("dataset"), []).append(i)
+        parts = [self._collate([samples[i] for i in rows], name) for name, rows in groups.items()]
+        order = torch.argsort(torch.tensor([i for rows in groups.values() for i in rows]))
+        batch = {key: torch.cat([part[key] for part in parts])[order] for key in parts[0]}
+        batch["action_is_pad"] = torch.stack([s["action_is_pad"] for s in samples])
         if self.config is not None and all("seed" in s for s in samples):
             batch["noise"], batch["time"] = self.noise_and_time([s["seed"] for s in samples])
         return batch
+
+    def _collate(self, samples: list[dict], unnorm_key: str | None) -> dict[str, torch.Tensor]:
+        """The processor's tensors and the normalised (relative, if so trained) actions of one dataset's samples."""
+        state = torch.stack([s["state"] for s in samples])
+        images, tasks = [s["images"] for s in samples], [s["task"] for s in samples]
+        inputs = dict(self.processor(images=images, text=tasks, state=state, unnorm_key=unnorm_key))
+        inputs.pop("reference_state", None)
+        actions = torch.stack([s["actions"] for s in samples])
+        if (mask := getattr(self.processor, "relative_action_mask", None)) is not None:
+            actions = to_relative(actions.double(), state.double(), mask)
+        return inputs | {"actions": self.processor.normalize_actions(actions.float(), unnorm_key)}
 
     def noise_and_time(self, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample noise [B, horizon, max_action_dim] and time [B], the global RNG left untouched."""

@@ -15,6 +15,7 @@ dataset's fps; steps past the episode's end repeat its last action and are flagg
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from torch.utils.data import Dataset
 from vla_recipes.configs import DataArguments, RecipeError, parse_episodes
 from vla_recipes.data.dataset_files import damaged_metadata, fetch_missing
 from vla_recipes.data.frame_cache import FrameResize, open_frame_cache
+from vla_recipes.data.relative_actions import default_relative_mask
 from vla_recipes.data.state_selection import feature_dim, state_selection
 from vla_recipes.data.stats import column_values, data_files, episode_table, norm_stats_entry
 
@@ -100,6 +102,33 @@ def resolve_camera_keys(meta, data_args: DataArguments) -> list[str]:
         if key is not None and key not in meta.features:
             raise RecipeError(f"{name}: {key!r} is not a feature of the dataset; it has {others}")
     return camera_keys
+
+
+def relative_action_mask(data_args: DataArguments, action_dim: int, state_dim: int | None) -> list[bool] | None:
+    """The recipe's ``relative_action_mask`` (see ``relative_actions``), checked against the dataset's action and the
+    state the model sees, ``state_dim`` (None: no state); None for absolute actions."""
+    mask = data_args.relative_action_mask
+    if not data_args.relative_actions:
+        if mask is not None:
+            raise RecipeError("relative_action_mask is set but relative_actions is false; set relative_actions: true")
+        return None
+    if state_dim is None:
+        raise RecipeError(
+            "relative_actions: true makes actions relative to the state, but state_key is None; set state_key "
+            "(the dataset's state feature) or drop relative_actions"
+        )
+    mask = default_relative_mask(action_dim) if mask is None else list(mask)
+    if len(mask) > action_dim:
+        raise RecipeError(
+            f"relative_action_mask has {len(mask)} entries but the action {data_args.action_key!r} has {action_dim} "
+            "dims; give at most one entry per action dim"
+        )
+    if (last := max((i for i, m in enumerate(mask) if m), default=-1)) >= state_dim:
+        raise RecipeError(
+            f"relative_action_mask makes action dim {last} relative, but the state the model sees has {state_dim} "
+            "dims (state dim i is subtracted from action dim i); shorten the mask or choose state_indices"
+        )
+    return mask
 
 
 def check_episode_data(meta, data_args: DataArguments, episodes: list[int]) -> list[str]:
@@ -204,8 +233,34 @@ def check_episodes(meta, name: str, episodes: list[int]) -> None:
         raise RecipeError(f"{name}: episodes {bad[:5]} do not exist; the dataset has episodes 0..{total - 1}")
 
 
+def task_episodes(meta, tasks: list[str]) -> set[int]:
+    """The episodes whose task matches one of ``tasks``: an exact task string, or ``re:<regex>`` matched against the
+    whole task. An entry that matches no task fails, listing the dataset's tasks (the first 20 and the count)."""
+    names = [str(task) for task in meta.tasks.index] if meta.tasks is not None else []
+    chosen: set[str] = set()
+    for entry in tasks:
+        if entry.startswith("re:"):
+            try:
+                pattern = re.compile(entry[3:])
+            except re.error as e:
+                raise RecipeError(f"tasks: {entry!r} is not a valid regular expression ({e})") from None
+            found = {name for name in names if pattern.fullmatch(name)}
+        else:
+            found = {entry} & set(names)
+        if not found:
+            shown = ", ".join(map(repr, names[:20])) + (" ..." if len(names) > 20 else "")
+            raise RecipeError(
+                f"tasks: {entry!r} matches no task of the dataset; it has {len(names)} tasks: {shown} (give exact "
+                "task strings, or 're:<regex>' for a pattern)"
+            )
+        chosen |= found
+    table = meta.episodes.select_columns(["episode_index", "tasks"]).with_format(None)[:]
+    return {int(e) for e, ts in zip(table["episode_index"], table["tasks"], strict=True) if chosen & set(ts)}
+
+
 def episode_split(meta, data_args: DataArguments) -> tuple[list[int], list[int] | None]:
-    """Train and eval episode indices; train defaults to every episode not held out for eval."""
+    """Train and eval episode indices; train defaults to every episode not held out for eval. ``tasks`` keeps the
+    episodes of those tasks among both."""
     total = meta.total_episodes
     eval_eps = parse_episodes(data_args.eval_episodes)
     train_eps = parse_episodes(data_args.train_episodes)
@@ -213,6 +268,17 @@ def episode_split(meta, data_args: DataArguments) -> tuple[list[int], list[int] 
         train_eps = [e for e in range(total) if e not in set(eval_eps or [])]
     check_episodes(meta, "train_episodes", train_eps)
     check_episodes(meta, "eval_episodes", eval_eps or [])
+    if data_args.tasks is not None:
+        matching = task_episodes(meta, data_args.tasks)
+        train_eps = [e for e in train_eps if e in matching]
+        eval_eps = [e for e in eval_eps if e in matching] if eval_eps is not None else None
+        if not train_eps:
+            raise RecipeError(
+                f"tasks: {data_args.tasks} has no episode among train_episodes; widen train_episodes or the tasks"
+            )
+        if eval_eps == []:
+            logger.warning("tasks: %s has no episode among eval_episodes; the run evaluates nothing", data_args.tasks)
+            eval_eps = None
     if not train_eps:
         raise RecipeError("train_episodes selects no episode")
     if shared := sorted(set(train_eps) & set(eval_eps or [])):
@@ -227,14 +293,20 @@ def episode_split(meta, data_args: DataArguments) -> tuple[list[int], list[int] 
 
 
 def dataset_norm_stats(
-    meta, data_args: DataArguments, norm_mode: str, action_mask: list[bool] | None, episodes: list[int] | None = None
+    meta,
+    data_args: DataArguments,
+    norm_mode: str,
+    action_mask: list[bool] | None,
+    episodes: list[int] | None = None,
+    relative_mask: list[bool] | None = None,
 ) -> dict:
     """The run's statistics in the ``config.norm_stats`` layout (see ``normalize``), complete for ``norm_mode``:
-    given by ``norm_stats_path``, stored in the dataset, or computed over the training ``episodes`` (``stats``)."""
+    given by ``norm_stats_path``, stored in the dataset, or computed over the training ``episodes`` (``stats``);
+    of the relative actions with ``relative_mask`` (``relative_actions``)."""
     dim = feature_dim(meta, data_args.action_key)
     if action_mask is not None and len(action_mask) != dim:
         raise RecipeError(f"action_norm_mask has {len(action_mask)} entries but the action has {dim} dims")
-    entry = norm_stats_entry(meta, data_args, norm_mode, episodes)
+    entry = norm_stats_entry(meta, data_args, norm_mode, episodes, relative_mask=relative_mask)
     if action_mask is not None:
         entry["action"]["mask"] = list(action_mask)
     return {data_args.dataset_repo_id: entry}
@@ -277,9 +349,11 @@ class VLADataset(Dataset):
         augment: bool = False,
         seed: int = 0,
         frame_resize: FrameResize | None = None,
+        name: str | None = None,
     ):
         from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
+        self.name = name  # a mixture entry's name: samples carry it as "dataset" (their statistics' key)
         self.camera_keys = camera_keys
         self.state_key = data_args.state_key
         selected = state_selection(meta, data_args)  # the dims the model sees (None: all)
@@ -320,7 +394,7 @@ class VLADataset(Dataset):
             with torch.random.fork_rng(devices=[]):  # the global RNG stream is left as it was
                 torch.manual_seed(sample_seed(self.seed, self.epoch, idx, stream=0))
                 images = [self.augment(image) for image in images]
-        return {
+        sample = {
             "images": images,
             "state": state,
             "actions": actions,
@@ -328,3 +402,4 @@ class VLADataset(Dataset):
             "task": item.get("task", ""),
             "seed": sample_seed(self.seed, self.epoch, idx, stream=1),  # the sample's flow-matching noise and time
         }
+        return sample | {"dataset": self.name} if self.name is not None else sample

@@ -242,6 +242,41 @@ def _read_feature(paths: list[Path], key: str, dim: int, episodes: np.ndarray) -
     return batches
 
 
+def _read_relative_actions(
+    paths: list[Path],
+    data_args: DataArguments,
+    dims: tuple[int, int],
+    selected: list[int] | None,
+    mask: list[bool],
+    episodes: np.ndarray,
+) -> Batches:
+    """Passes over the relative actions the model trains on, one episode at a time: for each frame t and chunk step
+    k with t + k inside the episode (padded steps are out of the loss, so out of the statistics), action[t + k] minus
+    state[t] on the dims of ``mask`` (``relative_actions``). An episode lies in one data file, rows in frame order."""
+    import pyarrow.parquet as pq
+
+    from vla_recipes.data.relative_actions import to_relative
+
+    action_key, state_key, horizon = data_args.action_key, data_args.state_key, data_args.action_horizon
+
+    def batches() -> Iterator[np.ndarray]:
+        for path in paths:
+            table = pq.read_table(path, columns=["episode_index", action_key, state_key])
+            index = table["episode_index"].to_numpy()
+            actions = column_values(table[action_key].combine_chunks(), dims[0]).astype(np.float64)
+            states = column_values(table[state_key].combine_chunks(), dims[1]).astype(np.float64)
+            if selected is not None:
+                states = states[:, selected]
+            for e in np.intersect1d(np.unique(index), episodes):
+                rows = np.flatnonzero(index == e)
+                a, s = actions[rows], states[rows]
+                n = len(rows)
+                chunks = [to_relative(a[k:, None], s[: n - k], mask)[:, 0] for k in range(min(horizon, n))]
+                yield np.concatenate(chunks)
+
+    return batches
+
+
 def column_values(column, dim: int) -> np.ndarray:
     """A parquet column of (possibly nested) lists as a ``(rows, dim)`` array."""
     import pyarrow as pa
@@ -322,13 +357,15 @@ def norm_stats_entry(
     norm_mode: str,
     episodes: list[int] | None = None,
     *,
+    relative_mask: list[bool] | None = None,
     memory_budget: int = MEMORY_BUDGET,
     bins: int = HISTOGRAM_BINS,
 ) -> dict:
     """The ``config.norm_stats`` entry of the run: ``{"action", "proprio"?, "num_transitions", "num_trajectories"}``.
 
     Per feature: the recipe's ``norm_stats_path`` if it holds it; else the dataset's stored statistics if
-    ``norm_mode`` can use them; else computed over ``episodes`` (default: all) and cached.
+    ``norm_mode`` can use them; else computed over ``episodes`` (default: all) and cached. With ``relative_mask``
+    (``relative_actions``) the action statistics are those of the relative action chunks, never the stored ones.
     """
     from tqdm.auto import tqdm
 
@@ -342,6 +379,11 @@ def norm_stats_entry(
             f"write_stats_to_dataset: the run trains on {subset} episodes, and statistics of a subset must not "
             "replace the dataset's meta/stats.json (it describes every episode); drop write_stats_to_dataset"
         )
+    if data_args.write_stats_to_dataset and relative_mask is not None:
+        raise RecipeError(
+            "write_stats_to_dataset: with relative_actions the action statistics are those of the relative actions, "
+            "which must not replace the dataset's (absolute) meta/stats.json; drop write_stats_to_dataset"
+        )
     given = (
         load_stats_file(data_args.norm_stats_path, data_args.norm_stats_key, features)
         if data_args.norm_stats_path
@@ -353,6 +395,8 @@ def norm_stats_entry(
         stored = {s: np.asarray(stored[s], dtype=np.float64).reshape(-1).tolist() for s in STAT_NAMES if s in stored}
         if name in given:
             entry[name] = given[name]
+        elif name == "action" and relative_mask is not None and REQUIRED_STATS[norm_mode]:
+            reasons[key] = "the actions are relative to the state (relative_actions)"
         elif (reason := _reason(stored, norm_mode, subset)) is not None:
             reasons[key] = reason
         else:
@@ -366,7 +410,7 @@ def norm_stats_entry(
                 f"norm_mode={norm_mode!r} needs statistics of {', '.join(map(repr, reasons))} that cannot be "
                 "computed: the run selects no frames (train_episodes); select episodes or give norm_stats_path"
             )
-        computed = _cached_stats(meta, data_args, episodes, table, reasons, memory_budget, bins, tqdm)
+        computed = _cached_stats(meta, data_args, episodes, table, reasons, relative_mask, memory_budget, bins, tqdm)
         entry |= {name: computed[key] for name, key in features.items() if key in computed}
     if (selected := state_selection(meta, data_args)) is not None:  # the dims the model sees (full-dim cache)
         entry["proprio"] = {name: [values[i] for i in selected] for name, values in entry["proprio"].items()}
@@ -390,8 +434,11 @@ def _check_given(meta, given: dict, features: dict[str, str], norm_mode: str, pa
             )
 
 
-def _cached_stats(meta, data_args, episodes, table, reasons: dict[str, str], memory_budget, bins, tqdm) -> dict:
-    """The statistics of each feature in ``reasons``: read from the cache, or computed and cached (under its lock)."""
+def _cached_stats(
+    meta, data_args, episodes, table, reasons: dict[str, str], relative_mask, memory_budget, bins, tqdm
+) -> dict:
+    """The statistics of each feature in ``reasons``: read from the cache, or computed and cached (under its lock).
+    Relative actions are cached under their own key (the mask, chunk length and state dims they depend on)."""
     from filelock import FileLock
 
     root, files = data_files(meta, data_args, table)
@@ -411,7 +458,17 @@ def _cached_stats(meta, data_args, episodes, table, reasons: dict[str, str], mem
     start = time.perf_counter()
     with FileLock(cache_dir / _LOCK_NAME):
         for key in reasons:
-            path = cache_dir / f"{entry_stem({**base, 'feature': key})}.json"
+            relative = relative_mask is not None and key == data_args.action_key
+            entry_key = {**base, "feature": key}
+            if relative:
+                selected = state_selection(meta, data_args)
+                entry_key["relative"] = {
+                    "mask": relative_mask,
+                    "state_key": data_args.state_key,
+                    "state_indices": selected,
+                    "horizon": data_args.action_horizon,
+                }
+            path = cache_dir / f"{entry_stem(entry_key)}.json"
             dim = feature_dim(meta, key)
             if path.is_file():
                 if (cached := _read_entry(path, dim)) is not None:
@@ -419,12 +476,20 @@ def _cached_stats(meta, data_args, episodes, table, reasons: dict[str, str], mem
                     reused.append(key)
                     continue
                 logger.warning("norm stats: the cache entry %s of %r is corrupt; computing it again", path, key)
-            accumulator = make_accumulator(num_frames, dim, memory_budget, bins)
-            reader = _read_feature([root / f for f in files], key, dim, np.asarray(episodes))
-            with tqdm(total=num_frames * accumulator.passes, unit="frame", desc=f"norm stats of {key}") as bar:
+            paths = [root / f for f in files]
+            if relative:
+                dims = (dim, feature_dim(meta, data_args.state_key))
+                reader = _read_relative_actions(paths, data_args, dims, selected, relative_mask, np.asarray(episodes))
+                lengths = table["length"].astype(np.int64)
+                horizon = data_args.action_horizon
+                rows = int(sum(int(np.clip(lengths - k, 0, None).sum()) for k in range(horizon)))
+            else:
+                reader, rows = _read_feature(paths, key, dim, np.asarray(episodes)), num_frames
+            accumulator = make_accumulator(rows, dim, memory_budget, bins)
+            with tqdm(total=rows * accumulator.passes, unit="frame", desc=f"norm stats of {key}") as bar:
                 stats, how[key] = compute_stats(reader, accumulator, bar.update)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": {**base, "feature": key}, "how": how[key], "stats": stats}))
+            tmp.write_text(json.dumps({"key": entry_key, "how": how[key], "stats": stats}))
             os.replace(tmp, path)
             out[key] = stats
             computed.append(key)

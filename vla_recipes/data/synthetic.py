@@ -61,10 +61,12 @@ def make_synthetic_dataset(
     cameras: tuple[str, ...] = DEFAULT_CAMERAS,
     fps: int = 10,
     seed: int = 0,
+    tasks: tuple[str, ...] = (TASK,),
 ):
     """Write the dataset to ``root`` (which must not exist) and return the ``LeRobotDataset``.
 
-    Cameras whose key contains ``wrist`` render the gripper-centred view, the others the table view.
+    Cameras whose key contains ``wrist`` render the gripper-centred view, the others the table view. Episode ``e``
+    is labelled ``tasks[e % len(tasks)]`` (several tasks: for task selection).
     """
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
@@ -80,13 +82,14 @@ def make_synthetic_dataset(
         repo_id, fps=fps, features=features, root=root, robot_type="synthetic", use_videos=True
     )
     rng = np.random.default_rng(seed)
-    for _ in range(num_episodes):
+    for e in range(num_episodes):
+        task = tasks[e % len(tasks)]
         cube, positions, actions = _episode(rng, episode_length)
         for pos, action in zip(positions, actions, strict=True):
             state = np.zeros(len(STATE_NAMES), dtype=np.float32)
             state[:2], state[6] = pos, action[6]
             frame = {cam: _render(image_size, cube, pos, "wrist" in cam) for cam in cameras}
-            dataset.add_frame({**frame, "observation.state": state, "action": action, "task": TASK})
+            dataset.add_frame({**frame, "observation.state": state, "action": action, "task": task})
         dataset.save_episode()
     dataset.finalize()
     return dataset

@@ -301,6 +301,7 @@ class OpenVLAForActionPrediction(AdapterFolderMixin, PreTrainedModel):
     def _action_stats(self, unnorm_key: str | None) -> dict:
         if not self.config.norm_stats:
             raise ValueError("config.norm_stats is empty: save the dataset statistics into the model's config")
+        unnorm_key = unnorm_key or getattr(self.config, "default_unnorm_key", None)  # a mixture's heaviest dataset
         stats = select_stats(self.config.norm_stats, unnorm_key)["action"]
         check_stats(stats, self.config.norm_mode, "action")
         dims = {len(value) for key, value in stats.items() if key in REQUIRED_STATS[self.config.norm_mode]}

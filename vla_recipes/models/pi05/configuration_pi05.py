@@ -93,6 +93,7 @@ class Pi05Config(PretrainedConfig):
         image_size: int = 224,
         norm_mode: str | None = None,
         norm_stats: dict[str, Any] | None = None,
+        relative_action_mask: list[bool] | None = None,
         vlm_width: int = 2048,
         vlm_depth: int = 18,
         vlm_mlp_dim: int = 16_384,
@@ -132,6 +133,7 @@ class Pi05Config(PretrainedConfig):
         self.image_size = image_size
         self.norm_mode = norm_mode or ("quantiles" if pi05 else "mean_std")
         self.norm_stats = norm_stats
+        self.relative_action_mask = list(relative_action_mask) if relative_action_mask is not None else None
         self.vlm_width = vlm_width
         self.vlm_depth = vlm_depth
         self.vlm_mlp_dim = vlm_mlp_dim

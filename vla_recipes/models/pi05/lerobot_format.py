@@ -70,8 +70,6 @@ def pi05_kwargs_from_lerobot(lerobot: dict[str, Any]) -> dict[str, Any]:
     kind = lerobot["type"]
     if kind not in ("pi05", "pi0"):
         raise ValueError(f"config.json describes a LeRobot {kind!r} policy; Pi05Config reads only 'pi05' and 'pi0'")
-    if lerobot.get("use_relative_actions"):
-        raise ValueError("LeRobot's use_relative_actions=True is not supported; fine-tune with absolute actions")
     vlm = _variant(lerobot.get("paligemma_variant", "gemma_2b"))
     expert = _variant(lerobot.get("action_expert_variant", "gemma_300m"))
     resolution = lerobot.get("image_resolution", [224, 224])
@@ -102,9 +100,23 @@ def pi05_kwargs_from_lerobot(lerobot: dict[str, Any]) -> dict[str, Any]:
         action_dim=action["shape"][0] if action else lerobot.get("max_action_dim", 32),
         state_dim=state["shape"][0] if state else lerobot.get("max_state_dim", 32),
     )
+    if lerobot.get("use_relative_actions"):
+        kwargs["relative_action_mask"] = lerobot_relative_mask(lerobot, kwargs["action_dim"])
     if cameras:
         kwargs["camera_keys"] = cameras
     return kwargs
+
+
+def lerobot_relative_mask(lerobot: dict[str, Any], action_dim: int) -> list[bool]:
+    """The action dims LeRobot's ``RelativeActionsProcessorStep`` makes relative: all but those whose name (from
+    ``action_feature_names``) contains a ``relative_exclude_joints`` entry (default: the gripper); all when the
+    names were not recorded, as LeRobot does."""
+    names = lerobot.get("action_feature_names")
+    exclude = [str(token).lower() for token in lerobot.get("relative_exclude_joints", ["gripper"]) if token]
+    if not names or not exclude:
+        return [True] * action_dim
+    mask = [not any(token in str(name).lower() for token in exclude) for name in names[:action_dim]]
+    return mask + [True] * (action_dim - len(mask))
 
 
 def read_lerobot_norm_stats(path: Any, **kwargs: Any) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from ...data.normalize import check_stats, select_stats, unnormalize
+from ...data.relative_actions import to_absolute
 from ..adapters import AdapterFolderMixin
 from .configuration_pi05 import FLOAT32_MODULES, Pi05Config
 from .flow_matching import euler_timesteps, sample_noise, sample_time, sinusoidal_time_embedding
@@ -359,16 +360,26 @@ class Pi05ForActionPrediction(AdapterFolderMixin, PreTrainedModel):
         noise: Tensor | None = None,
         num_inference_steps: int | None = None,
         unnorm_key: str | None = None,
+        reference_state: Tensor | None = None,
     ) -> Tensor:
         """Actions [B, horizon, action_dim] (float32) in the dataset's units, un-normalised with ``config.norm_stats``.
 
-        ``unnorm_key`` picks the dataset when the model holds several datasets' statistics.
+        ``unnorm_key`` picks the dataset when the model holds several datasets' statistics. A model trained on
+        relative actions (``config.relative_action_mask``) needs ``reference_state`` [B, state_dim], the raw state
+        (``Pi05Processor`` returns it): it is added back, so the actions are absolute either way.
         """
         stats = self._action_stats(unnorm_key)
+        mask = getattr(self.config, "relative_action_mask", None)
+        if mask is not None and reference_state is None:
+            raise ValueError(
+                "this model predicts actions relative to the state (config.relative_action_mask): pass "
+                "reference_state= the raw state [batch, state_dim] (Pi05Processor's output has it)"
+            )
         actions = self.sample_actions(
             pixel_values, image_masks, input_ids, attention_mask, state, noise, num_inference_steps
         )
-        return unnormalize(actions, stats, self.config.norm_mode)
+        actions = unnormalize(actions, stats, self.config.norm_mode)
+        return to_absolute(actions, reference_state, mask) if mask is not None else actions
 
     def _action_stats(self, unnorm_key: str | None) -> dict[str, Any]:
         config = self.config
@@ -379,6 +390,7 @@ class Pi05ForActionPrediction(AdapterFolderMixin, PreTrainedModel):
                 "config.norm_stats is empty, so actions cannot be returned in dataset units; set it to the training "
                 "set's statistics or call sample_actions() for normalised actions"
             )
+        unnorm_key = unnorm_key or getattr(config, "default_unnorm_key", None)  # a mixture's heaviest dataset
         stats = select_stats(config.norm_stats, unnorm_key).get("action", {})
         check_stats(stats, config.norm_mode, "action")
         sizes = {len(v) for k, v in stats.items() if k != "mask"}

@@ -45,8 +45,12 @@ class Pi05Processor(ProcessorMixin):
         max_length: int = 200,
         norm_mode: str = "quantiles",
         norm_stats: dict[str, Any] | None = None,
+        relative_action_mask: list[bool] | None = None,
+        default_unnorm_key: str | None = None,
     ) -> None:
         self.pi05 = pi05
+        self.relative_action_mask = relative_action_mask
+        self.default_unnorm_key = default_unnorm_key  # a mixture's heaviest dataset
         self.max_length = max_length
         self.norm_mode = norm_mode
         self.norm_stats = norm_stats
@@ -62,6 +66,8 @@ class Pi05Processor(ProcessorMixin):
             max_length=config.tokenizer_max_length,
             norm_mode=config.norm_mode,
             norm_stats=config.norm_stats,
+            relative_action_mask=getattr(config, "relative_action_mask", None),
+            default_unnorm_key=getattr(config, "default_unnorm_key", None),
         )
 
     def __call__(
@@ -72,13 +78,16 @@ class Pi05Processor(ProcessorMixin):
         unnorm_key: str | None = None,
     ) -> BatchFeature:
         """``images``: see :meth:`Pi05ImageProcessor.preprocess`; ``text``: one task per sample; ``state``: the raw
-        robot state [B, state_dim] in dataset units. ``unnorm_key`` picks the dataset's statistics."""
+        robot state [B, state_dim] in dataset units. ``unnorm_key`` picks the dataset's statistics. A model trained on
+        relative actions (``relative_action_mask``) also gets ``reference_state``, the raw state ``predict_action``
+        adds back to its output."""
         if images is None or text is None or state is None:
             raise ValueError("Pi05Processor needs images=, text= and state= (one task and one state per sample)")
         tasks = [text] if isinstance(text, str) else list(text)
         check_tasks(tasks)
         state = torch.as_tensor(np.asarray(state, dtype=np.float32)).reshape(len(tasks), -1)
         check_state_values(state)
+        raw_state = state
         state = self.normalize_feature(state, "proprio", unnorm_key)
         if self.pi05:
             bins = discretize_state(state.numpy())
@@ -99,6 +108,8 @@ class Pi05Processor(ProcessorMixin):
         data.update(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"].bool())
         if not self.pi05:
             data["state"] = state
+        if self.relative_action_mask is not None:
+            data["reference_state"] = raw_state
         return BatchFeature(data)
 
     def check_prompt_lengths(self, prompts: list[str]) -> None:
@@ -122,7 +133,7 @@ class Pi05Processor(ProcessorMixin):
             return x
         if not self.norm_stats:
             raise ValueError(f"norm_mode={self.norm_mode!r} needs norm_stats, which this processor does not have")
-        stats = select_stats(self.norm_stats, unnorm_key).get(feature, {})
+        stats = select_stats(self.norm_stats, unnorm_key or self.default_unnorm_key).get(feature, {})
         check_stats(stats, self.norm_mode, feature)
         dims = {len(value) for key, value in stats.items() if key != "mask"}
         if dims != {x.shape[-1]}:
