@@ -257,3 +257,43 @@ def test_sft_starts_oft_from_an_openvla_config() -> None:
     assert isinstance(adopted, OpenVLAOFTConfig) and adopted.text_config.hidden_size == 4096
     with pytest.raises(ValueError, match="fused"):
         OpenVLAOFTConfig(use_fused_vision_backbone=False, num_images=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_sft_trains_oft_and_the_output_predicts_chunks(tmp_path: Path, two_camera_root, mode: str) -> None:
+    """`make demo-oft` shrunk: recipes/sft.py on the OFT demo recipe (two cameras + state), loss falls, the
+    output folder reloads through the Auto classes and predicts (batch, 8, 7) chunks in the dataset's units."""
+    import yaml
+    from cli import DEMOS, accelerate_launch
+
+    out = tmp_path / "out"
+    recipe = {
+        **DEMOS["openvla_oft"],
+        "dataset_root": two_camera_root,
+        "train_episodes": ["0:3"],
+        "eval_episodes": ["3:4"],
+        "output_dir": str(out),
+        "finetune_mode": mode,
+        "max_steps": 40,
+        "per_device_train_batch_size": 8,
+        "logging_steps": 10,
+        "eval_steps": 40,
+        "learning_rate": 2e-3 if mode == "lora" else 5e-4,
+        "lr_scheduler_kwargs": {"num_stable_steps": 30, "num_decay_steps": 1, "min_lr_ratio": 0.1},
+        "dataloader_num_workers": 0,
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run = accelerate_launch("recipes/sft.py", "--config", str(tmp_path / "recipe.yaml"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert "eval_curr_action_l1" in json.loads((out / "eval_results.json").read_text())
+
+    model = AutoModel.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(model) is OpenVLAOFTForActionPrediction and model.config.num_images == 2
+    case = robot_inputs()
+    actions = model.predict_action(**processor(images=case["images"], text=case["text"], state=case["state"]))
+    assert actions.shape == (3, 8, 7) and torch.isfinite(actions).all()

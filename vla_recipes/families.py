@@ -18,6 +18,8 @@ from vla_recipes.trainers.base import VLATrainer
 class Family:
     model_type: str
     supported_modes: tuple[str, ...] = ("full", "lora", "qlora")
+    # Actions come from generated LM tokens (``generate_action_ids`` + ``actions_from_ids``): evaluation scores them.
+    decodes_action_tokens: bool = False
 
     @property
     def model_class(self) -> type[PreTrainedModel]:
@@ -86,6 +88,7 @@ class Family:
 
 class OpenVLAFamily(Family):
     model_type = "openvla"
+    decodes_action_tokens = True
 
     @property
     def model_class(self) -> type[PreTrainedModel]:
@@ -177,6 +180,7 @@ class OpenVLAOFTFamily(OpenVLAFamily):
     decoded in parallel and regressed with an L1 loss. It starts from an OpenVLA model (openvla/openvla-7b) too."""
 
     model_type = "openvla_oft"
+    decodes_action_tokens = False
 
     @property
     def model_class(self) -> type[PreTrainedModel]:

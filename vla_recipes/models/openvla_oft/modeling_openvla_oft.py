@@ -246,6 +246,12 @@ class OpenVLAOFTForActionPrediction(OpenVLAForActionPrediction):
         loss = losses.sum() / torch.as_tensor(divisor, device=losses.device).clamp(min=1)
         return OpenVLAOFTOutput(loss=loss, actions=predicted, losses=losses)
 
+    def generate_action_ids(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError("OpenVLA-OFT decodes no action tokens: its actions come from predict_action")
+
+    def actions_from_ids(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError("OpenVLA-OFT decodes no action tokens: its actions come from predict_action")
+
     @torch.no_grad()
     def predict_action(
         self,
