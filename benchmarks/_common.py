@@ -112,10 +112,11 @@ def data_arguments(root: Path, horizon: int):
 def tiny_config(model_type: str) -> dict:
     """The tests' tiny model of a family, as a recipe's ``model_config``."""
     from vla_recipes.models.openvla import TINY_OPENVLA_CONFIG
+    from vla_recipes.models.openvla_oft import TINY_OPENVLA_OFT_CONFIG
     from vla_recipes.models.pi05 import TINY_PI05_CONFIG
 
-    tiny = TINY_OPENVLA_CONFIG if model_type == "openvla" else TINY_PI05_CONFIG
-    return {"model_type": model_type, **copy.deepcopy(tiny)}
+    tiny = {"openvla": TINY_OPENVLA_CONFIG, "openvla_oft": TINY_OPENVLA_OFT_CONFIG, "pi05": TINY_PI05_CONFIG}
+    return {"model_type": model_type, **copy.deepcopy(tiny[model_type])}
 
 
 def build_model(
@@ -124,8 +125,12 @@ def build_model(
     output_dir: Path,
     finetune_mode: str = "full",
     attn_implementation: str | None = None,
+    cameras: int | None = None,
+    state: bool = True,
 ) -> tuple[Any, Any, Any]:
-    """(model, processor, family) exactly as ``recipes/sft.py`` builds them from a ``model_config`` recipe."""
+    """(model, processor, family) exactly as ``recipes/sft.py`` builds them from a ``model_config`` recipe.
+    ``cameras``: how many of the dataset's cameras it sees (default: OpenVLA one, the others all); ``state``: whether
+    it sees the robot state (OpenVLA-OFT's proprio token; pi0.5 always does)."""
     from vla_recipes.configs import ModelArguments
     from vla_recipes.data.lerobot import dataset_norm_stats
     from vla_recipes.families import get_family
@@ -136,13 +141,13 @@ def build_model(
     )
     config = load_config(model_args)
     family = get_family(model_type)
-    cameras = list(CAMERAS[:1] if model_type == "openvla" else CAMERAS)
+    cameras = list(CAMERAS[: cameras or (1 if model_type == "openvla" else len(CAMERAS))])
     data_args = data_arguments(data.root, data.horizon)
     norm_mode = family.default_norm_mode(config)
     mask = family.default_action_norm_mask(7) if norm_mode == "bounds_q99" else None
     stats = dataset_norm_stats(data.meta, data_args, norm_mode, mask)
     family.configure(
-        config, data_args, cameras, action_dim=7, state_dim=8, norm_mode=norm_mode, norm_stats=stats
+        config, data_args, cameras, action_dim=7, state_dim=8 if state else None, norm_mode=norm_mode, norm_stats=stats
     )  # fmt: skip
     torch.manual_seed(0)
     model = load_model(model_args, config, family.model_class, str(output_dir))

@@ -297,3 +297,39 @@ def test_sft_trains_oft_and_the_output_predicts_chunks(tmp_path: Path, two_camer
     case = robot_inputs()
     actions = model.predict_action(**processor(images=case["images"], text=case["text"], state=case["state"]))
     assert actions.shape == (3, 8, 7) and torch.isfinite(actions).all()
+
+
+REMOTE_LOAD = """
+import sys
+sys.modules["vla_recipes"] = None  # as on a machine where the package is not installed
+import torch
+from transformers import AutoModel, AutoProcessor
+folder = sys.argv[1]
+case = torch.load(folder + ".inputs.pt", weights_only=False)
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+actions = model.predict_action(**processor(images=case["images"], text=case["text"], state=case["state"]))
+print(type(model).__module__, (actions - case["expected"]).abs().max().item())
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers: ~30 s on a loaded 2-core machine
+def test_output_folder_loads_with_trust_remote_code_without_the_package(model, processor, tmp_path: Path) -> None:
+    import sys
+
+    from cli import run
+
+    from vla_recipes.remote_code import write_remote_code
+
+    folder = tmp_path / "oft"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    write_remote_code(folder, "openvla_oft")
+    case = robot_inputs()
+    expected = model.predict_action(**processor(images=case["images"], text=case["text"], state=case["state"]))
+    torch.save({**case, "expected": expected}, f"{folder}.inputs.pt")
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    result = run([sys.executable, "-c", REMOTE_LOAD, str(folder)], timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, diff = result.stdout.strip().splitlines()[-1].split()
+    assert module.startswith("transformers_modules.") and float(diff) < 1e-5

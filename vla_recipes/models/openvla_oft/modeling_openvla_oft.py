@@ -22,6 +22,12 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ...data.normalize import normalize, select_stats, unnormalize
+
+# A remote-code folder (vla_recipes.remote_code) is copied by transformers one import level deep from the module its
+# auto_map names: the modules that modeling_openvla imports are imported here too, so that they travel.
+from ..adapters import AdapterFolderMixin  # noqa: F401
+from ..openvla.action_tokenizer import decode_action_ids  # noqa: F401
+from ..openvla.configuration_openvla import OpenVLAConfig  # noqa: F401
 from ..openvla.modeling_openvla import OpenVLAForActionPrediction, insert_after_bos
 from .configuration_openvla_oft import OpenVLAOFTConfig
 

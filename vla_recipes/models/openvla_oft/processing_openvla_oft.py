@@ -9,6 +9,9 @@ import torch
 from transformers import BatchFeature
 
 from ..input_checks import check_state_values
+
+# Imported for a remote-code folder, which transformers copies one import level deep (see modeling_openvla_oft).
+from ..openvla.configuration_openvla import OpenVLAConfig  # noqa: F401
 from ..openvla.processing_openvla import OpenVLAProcessor
 
 
