@@ -156,16 +156,16 @@ def test_loss_falls_on_synthetic_data(two_camera_root) -> None:
     dataset = VLADataset(meta, data_args, data_args.camera_keys, [0, 1])
     processor = get_family("openvla_oft").new_processor(model.config, None)
     collator = OpenVLAOFTDataCollator(processor, stats["local/synthetic_reach"]["action"], "bounds_q99")
-    batch = collator([dataset[i] for i in range(0, 24, 4)])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    batch = collator([dataset[i] for i in range(0, 24, 6)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
-    for _ in range(12):
+    for _ in range(8):
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < 0.6 * losses[0], losses
+    assert losses[-1] < 0.7 * losses[0], losses
 
 
 def test_save_and_auto_reload(model, processor, tmp_path: Path) -> None:

@@ -131,12 +131,12 @@ class OpenVLAOFTForActionPrediction(OpenVLAForActionPrediction):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
         """Our folders; an OpenVLA folder (its backbone, with a new head); or the layout openvla-oft publishes (the
-        merged VLA plus ``action_head--*_checkpoint.pt`` / ``proprio_projector--*_checkpoint.pt``), see
-        :mod:`.published_checkpoint`."""
+        merged VLA plus ``action_head--*_checkpoint.pt`` / ``proprio_projector--*_checkpoint.pt``, in a local folder:
+        ``hf download`` it first), see :mod:`.published_checkpoint`."""
         from .published_checkpoint import load_published_modules, oft_config_for
 
         if "config" not in kwargs:
-            kwargs["config"], unused = oft_config_for(pretrained_model_name_or_path, kwargs)
+            kwargs["config"] = oft_config_for(pretrained_model_name_or_path, kwargs)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if Path(str(pretrained_model_name_or_path)).is_dir():

@@ -46,16 +46,16 @@ def load_module_state(path: Path) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def oft_config_for(path: Any, kwargs: dict[str, Any]) -> tuple[OpenVLAOFTConfig, dict[str, Any]]:
+def oft_config_for(path: Any, kwargs: dict[str, Any]) -> OpenVLAOFTConfig:
     """The OFT config of a folder: its own, or one built on its OpenVLA config and published module files.
-    ``kwargs``' OFT fields are taken out (they are config fields, not ``from_pretrained`` options)."""
+    ``kwargs``' OFT fields are taken out of it (they are config fields, not ``from_pretrained`` options)."""
     changes = {key: kwargs.pop(key) for key in OFT_FIELDS if key in kwargs}
     hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
     config = AutoConfig.from_pretrained(path, **hub_kwargs)
     if isinstance(config, OpenVLAOFTConfig):
         for key, value in changes.items():
             setattr(config, key, value)
-        return config, kwargs
+        return config
     folder = Path(str(path))
     if folder.is_dir():
         llm_dim = config.text_config.hidden_size
@@ -71,7 +71,7 @@ def oft_config_for(path: Any, kwargs: dict[str, Any]) -> tuple[OpenVLAOFTConfig,
             changes["norm_stats"] = {**(config.norm_stats or {}), **json.loads((folder / STATS_FILE).read_text())}
     oft = OpenVLAOFTConfig.from_openvla(config, **changes)
     oft.architectures = ["OpenVLAOFTForActionPrediction"]
-    return oft, kwargs
+    return oft
 
 
 def load_published_modules(model: torch.nn.Module, folder: Path) -> None:
