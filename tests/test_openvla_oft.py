@@ -333,3 +333,26 @@ def test_output_folder_loads_with_trust_remote_code_without_the_package(model, p
     assert result.returncode == 0, result.stderr[-3000:]
     module, diff = result.stdout.strip().splitlines()[-1].split()
     assert module.startswith("transformers_modules.") and float(diff) < 1e-5
+
+
+def test_qlora_quantises_the_vla_and_trains_the_float_heads(tmp_path: Path) -> None:
+    from vla_recipes.configs import ModelArguments
+    from vla_recipes.finetuning import apply_finetune_mode, load_config, load_model
+
+    pytest.importorskip("bitsandbytes")
+    tiny = {"model_type": "openvla_oft", **copy.deepcopy(TINY_OPENVLA_OFT_CONFIG)}
+    args = ModelArguments(model_config=tiny, finetune_mode="qlora", lora_r=4)
+    family = get_family("openvla_oft")
+    model = load_model(args, load_config(args), family.model_class, str(tmp_path))
+    assert type(model.language_model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert model.action_head.model.fc1.weight.dtype == torch.float32  # never quantised
+    peft = apply_finetune_mode(model, args, modules_to_save=family.modules_to_save(model))
+    out = peft(
+        input_ids=torch.randint(3, 300, (2, 10)),
+        pixel_values=torch.randn(2, 12, 112, 112),
+        state=torch.randn(2, 8),
+        actions=torch.zeros(2, 8, 7),
+    )
+    out.loss.backward()
+    grads = {n for n, p in peft.named_parameters() if p.grad is not None}
+    assert any("action_head" in n for n in grads) and any("lora_A" in n for n in grads)
