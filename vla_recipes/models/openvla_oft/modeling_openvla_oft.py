@@ -116,7 +116,6 @@ class OpenVLAOFTForActionPrediction(OpenVLAForActionPrediction):
     config: OpenVLAOFTConfig
     config_class = OpenVLAOFTConfig
     _supports_flash_attn = False  # the placeholders' bidirectional block needs an explicit mask
-    _no_split_modules = ["Block", "OpenVLAProjector", "L1RegressionActionHead", "ProprioProjector"]
     # The new heads stay float32 and are never quantised (QLoRA trains them in full; bitsandbytes' 4-bit weights
     # cannot take gradients).
     _keep_in_fp32_modules_strict = ["action_head", "proprio_projector"]
