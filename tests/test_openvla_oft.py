@@ -81,6 +81,19 @@ def test_mask_is_bidirectional_over_action_placeholders_and_causal_elsewhere() -
     assert torch.equal(allowed, expected)
 
 
+def test_the_model_decodes_with_that_mask(model, processor, monkeypatch) -> None:
+    """The first chunk step changes when the placeholders may only look back: the block is in use."""
+    from vla_recipes.models.openvla_oft import modeling_openvla_oft
+
+    case = robot_inputs(n=1)
+    inputs = processor(images=case["images"], text=case["text"], state=case["state"])
+    bidirectional = model(**inputs).actions
+    causal = parallel_decoding_mask
+    monkeypatch.setattr(modeling_openvla_oft, "parallel_decoding_mask", lambda v, a, d: causal(v, a & False, d))
+    causal_only = model(**inputs).actions
+    assert not torch.allclose(bidirectional[:, 0], causal_only[:, 0])
+
+
 def test_one_forward_pass_gives_the_chunk_whatever_the_batch(model, processor) -> None:
     case = robot_inputs()
     inputs = processor(images=case["images"], text=case["text"], state=case["state"])
