@@ -5,9 +5,10 @@ BIN := $(VENV)/bin
 DEMO_DATA ?= data/synthetic_reach
 DEMO_OUT ?= outputs/demo-openvla
 DEMO_PI05_OUT ?= outputs/demo-pi05
+DEMO_OFT_OUT ?= outputs/demo-openvla-oft
 ACCELERATE := $(BIN)/accelerate launch --config_file accelerate_configs/single_gpu.yaml
 
-.PHONY: install demo demo-pi05 test test-slow bench bench-gpu lint format clean
+.PHONY: install demo demo-pi05 demo-oft test test-slow bench bench-gpu lint format clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +32,11 @@ demo: install $(DEMO_DATA)/meta/info.json
 demo-pi05: install $(DEMO_DATA)/meta/info.json
 	$(ACCELERATE) recipes/sft.py --config recipes/demo/pi05.yaml --output_dir $(DEMO_PI05_OUT) --overwrite_output_dir true
 	$(BIN)/python recipes/evaluate.py --model $(DEMO_PI05_OUT) --config recipes/demo/pi05.yaml
+
+# The same with a tiny OpenVLA-OFT (two cameras + state, chunks of 8 decoded in parallel, L1 regression).
+demo-oft: install $(DEMO_DATA)/meta/info.json
+	$(ACCELERATE) recipes/sft.py --config recipes/demo/openvla_oft.yaml --output_dir $(DEMO_OFT_OUT) --overwrite_output_dir true
+	$(BIN)/python recipes/evaluate.py --model $(DEMO_OFT_OUT) --config recipes/demo/openvla_oft.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -112,28 +112,31 @@ def data_arguments(root: Path, horizon: int):
 def tiny_config(model_type: str) -> dict:
     """The tests' tiny model of a family, as a recipe's ``model_config``."""
     from vla_recipes.models.openvla import TINY_OPENVLA_CONFIG
+    from vla_recipes.models.openvla_oft import TINY_OPENVLA_OFT_CONFIG
     from vla_recipes.models.pi05 import TINY_PI05_CONFIG
 
-    tiny = TINY_OPENVLA_CONFIG if model_type == "openvla" else TINY_PI05_CONFIG
-    return {"model_type": model_type, **copy.deepcopy(tiny)}
+    tiny = {"openvla": TINY_OPENVLA_CONFIG, "openvla_oft": TINY_OPENVLA_OFT_CONFIG, "pi05": TINY_PI05_CONFIG}
+    return {"model_type": model_type, **copy.deepcopy(tiny[model_type])}
 
 
-def configured_config(model_args, data: Data) -> tuple[Any, Any]:
+def configured_config(model_args, data: Data, cameras: int | None = None, state: bool = True) -> tuple[Any, Any]:
     """(config, family) of ``model_args``'s model with the data's cameras, dims and statistics, as ``recipes/sft.py``
-    writes them into the config before loading the weights."""
+    writes them into the config before loading the weights. ``cameras``: how many of the dataset's cameras it sees
+    (default: OpenVLA one, the others all); ``state``: whether it sees the robot state (OpenVLA-OFT's proprio token;
+    pi0.5 always does)."""
     from vla_recipes.data.lerobot import dataset_norm_stats
     from vla_recipes.families import get_family
     from vla_recipes.finetuning import load_config
 
     config = load_config(model_args)
     family = get_family(config.model_type)
-    cameras = list(CAMERAS[:1] if config.model_type == "openvla" else CAMERAS)
+    cameras = list(CAMERAS[: cameras or (1 if config.model_type == "openvla" else len(CAMERAS))])
     data_args = data_arguments(data.root, data.horizon)
     norm_mode = family.default_norm_mode(config)
     mask = family.default_action_norm_mask(7) if norm_mode == "bounds_q99" else None
     stats = dataset_norm_stats(data.meta, data_args, norm_mode, mask)
     family.configure(
-        config, data_args, cameras, action_dim=7, state_dim=8, norm_mode=norm_mode, norm_stats=stats
+        config, data_args, cameras, action_dim=7, state_dim=8 if state else None, norm_mode=norm_mode, norm_stats=stats
     )  # fmt: skip
     return config, family
 
@@ -147,6 +150,8 @@ def build_model(
     *,
     model_args: Any = None,
     gradient_checkpointing: bool = False,
+    cameras: int | None = None,
+    state: bool = True,
 ) -> tuple[Any, Any, Any]:
     """(model, processor, family) exactly as ``recipes/sft.py`` builds them; ``model_args`` defaults to the tiny
     ``model_config`` recipe of ``model_type`` in ``finetune_mode``."""
@@ -157,7 +162,7 @@ def build_model(
         model_args = ModelArguments(
             model_config=tiny_config(model_type), finetune_mode=finetune_mode, attn_implementation=attn_implementation
         )
-    config, family = configured_config(model_args, data)
+    config, family = configured_config(model_args, data, cameras, state)
     torch.manual_seed(0)
     model = load_model(model_args, config, family.model_class, str(output_dir))
     processor = family.build_processor(model.config, model_args)

@@ -49,6 +49,8 @@ def train(model_args, data_args, training_args, claim: OutputDirClaim) -> None:
     # Checks first: recipe, resume, dataset features, statistics. Nothing heavy has been loaded yet.
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     config = load_config(model_args)
+    if model_args.model_type is not None:  # e.g. OpenVLA-OFT starting from openvla/openvla-7b
+        config = get_family(model_args.model_type).adopt_config(config)
     check_model_type(model_args, config)
     recipe = run_recipe(model_args, data_args, training_args, config.model_type)
     if resume is not None:

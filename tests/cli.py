@@ -21,7 +21,10 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMOS = {name: yaml.safe_load((ROOT / f"recipes/demo/{name}.yaml").read_text()) for name in ("openvla", "pi05")}
+DEMOS = {
+    name: yaml.safe_load((ROOT / f"recipes/demo/{name}.yaml").read_text())
+    for name in ("openvla", "openvla_oft", "pi05")
+}
 
 
 def load_script(name: str) -> ModuleType:

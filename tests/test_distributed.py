@@ -124,7 +124,7 @@ def tiny_model(family: str, seed: int = 0):
     return get_family(config.model_type).model_class(config)
 
 
-@pytest.mark.parametrize("family", ["openvla", "pi05"])
+@pytest.mark.parametrize("family", ["openvla", "openvla_oft", "pi05"])
 def test_fsdp_blocks_become_fsdp2_units(family):
     """use_fsdp_blocks gives accelerate's FSDP2 wrapping policy the family's blocks, which exist in the model;
     accelerate's fallback (the model's _no_split_modules) would take pi0.5's Gemma layers."""
@@ -146,7 +146,7 @@ def test_fsdp_blocks_become_fsdp2_units(family):
     policy = fsdp2_prepare_auto_wrap_policy(plugin, model)  # raises if a named class is not in the model
     units = [type(m).__name__ for m in model.modules() if policy(m)]
     assert set(units) == set(FSDP_BLOCKS[family])
-    if family == "openvla":
+    if family in ("openvla", "openvla_oft"):
         assert units.count("LlamaDecoderLayer") == 2 and units.count("Block") == 4
         assert default_units == set(units)  # transformers 5 adds the Llama model's own _no_split_modules
     else:

@@ -18,19 +18,22 @@ from vla_recipes.data.lerobot import relative_action_mask, resolve_camera_keys
 from vla_recipes.data.state_selection import state_selection
 from vla_recipes.families import get_family
 from vla_recipes.models.openvla import OpenVLAConfig
+from vla_recipes.models.openvla_oft import OpenVLAOFTConfig
 from vla_recipes.models.pi05 import Pi05Config
 
-REAL = [p for p in sorted((ROOT / "recipes").rglob("*.yaml")) if p.parent.parent.name in ("openvla", "pi05", "pi0")]
+FAMILY_FOLDERS = ("openvla", "openvla_oft", "pi05", "pi0")
+REAL = [p for p in sorted((ROOT / "recipes").rglob("*.yaml")) if p.parent.parent.name in FAMILY_FOLDERS]
+LIBERO_FEATURES: dict[str, tuple[int, ...] | str] = {
+    "observation.images.image": "video",
+    "observation.images.wrist_image": "video",
+    "observation.state": (8,),
+    "action": (7,),
+}
 
 # Dataset features as published (name -> shape; cameras marked "video"), with the source of each.
 DATASETS: dict[str, dict[str, tuple[int, ...] | str]] = {
     # LeRobot's LIBERO datasets (openvla/modified_libero_rlds converted), as lerobot's libero env maps them.
-    "lerobot/libero_spatial_image": {
-        "observation.images.image": "video",
-        "observation.images.wrist_image": "video",
-        "observation.state": (8,),
-        "action": (7,),
-    },
+    **{f"lerobot/libero_{suite}_image": LIBERO_FEATURES for suite in ("spatial", "object", "goal", "10")},
     # HuggingFaceVLA/libero (the dataset lerobot/pi05_libero was fine-tuned on): agent view + wrist as image/image2.
     "HuggingFaceVLA/libero": {
         "observation.images.image": "video",
@@ -91,6 +94,7 @@ def test_the_catalogue_is_complete() -> None:
         assert any(s.startswith(f"recipes/pi05/{folder}/") for s in shipped), folder
     for folder in ("libero", "maniskill"):
         assert any(s.startswith(f"recipes/pi0/{folder}/") for s in shipped), folder
+    assert {f"recipes/openvla_oft/libero/{suite}.yaml" for suite in ("spatial", "object", "goal", "10")} <= shipped
 
 
 @pytest.mark.parametrize("path", [p for p in REAL if "custom" not in p.parts], ids=name)
@@ -103,8 +107,12 @@ def test_real_recipe_names_features_its_dataset_has(path: Path) -> None:
     )
     cameras = resolve_camera_keys(meta, data_args)  # sft.py's own check: every named feature exists
     assert cameras == data_args.camera_keys
-    openvla = "openvla" in path.parts
-    config = OpenVLAConfig() if openvla else Pi05Config(pi05="pi0" not in path.parts)
+    if "openvla_oft" in path.parts:
+        config = OpenVLAOFTConfig.from_openvla(OpenVLAConfig())
+    elif "openvla" in path.parts:
+        config = OpenVLAConfig()
+    else:
+        config = Pi05Config(pi05="pi0" not in path.parts)
     selected = state_selection(meta, data_args)  # sft.py's: the state dims the model sees (None: all)
     action_dim = features[data_args.action_key][0]
     state_dim = len(selected) if selected is not None else features[data_args.state_key][0]
@@ -133,7 +141,7 @@ def test_behavior1k_without_state_indices_is_refused_naming_the_key() -> None:
         )
 
 
-@pytest.mark.parametrize("path", [p for p in REAL if "openvla" not in p.parts], ids=name)
+@pytest.mark.parametrize("path", [p for p in REAL if not {"openvla", "openvla_oft"} & set(p.parts)], ids=name)
 def test_pi05_recipes_use_openpi_hyperparameters(path: Path) -> None:
     model_args, data_args, args = parse(path)
     assert model_args.model_name_or_path == ("lerobot/pi0_base" if "pi0" in path.parts else "lerobot/pi05_base")
@@ -152,3 +160,31 @@ def test_openvla_libero_recipes_use_the_papers_settings(mode: str) -> None:
     if mode != "full":  # OpenVLA's LoRA fine-tunes: r 32, alpha min(r, 16), dropout 0, lr 5e-4 constant
         assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) == (32, 16, 0.0)
         assert args.learning_rate == 5e-4 and args.lr_scheduler_type == "constant"
+
+
+@pytest.mark.parametrize("suite", ["spatial", "object", "goal", "10"])
+def test_openvla_oft_libero_recipes_use_the_papers_settings(suite: str) -> None:
+    """openvla-oft's LIBERO.md command and finetune.py defaults: LoRA r 32 (alpha min(r, 16), dropout 0, gaussian),
+    lr 5e-4 decayed 10x after 100K steps (MultiStepLR), AdamW's default weight decay, no clipping, batch 8 per GPU,
+    image augmentation, two cameras + the 8-dim proprio state, chunks of 8 (constants.py's LIBERO values)."""
+    model_args, data_args, args = parse(ROOT / f"recipes/openvla_oft/libero/{suite}.yaml")
+    assert (model_args.model_name_or_path, model_args.model_type) == ("openvla/openvla-7b", "openvla_oft")
+    assert model_args.finetune_mode == "lora" and model_args.lora_init_weights == "gaussian"
+    assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) == (32, 16, 0.0)
+    assert args.learning_rate == 5e-4 and args.lr_scheduler_type == "warmup_stable_decay"
+    assert args.lr_scheduler_kwargs == {"num_stable_steps": 100_000, "num_decay_steps": 1, "min_lr_ratio": 0.1}
+    assert (args.weight_decay, args.max_grad_norm, args.warmup_steps) == (0.01, 0.0, 0)
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 8 and args.bf16
+    assert args.max_steps == (50_000 if suite == "goal" else 150_000)  # LIBERO.md: 50K best on Goal, else 150K
+    assert data_args.camera_keys == ["observation.images.image", "observation.images.wrist_image"]
+    assert (data_args.state_key, data_args.action_horizon, data_args.norm_mode) == (
+        "observation.state",
+        8,
+        "bounds_q99",
+    )
+    assert data_args.image_augmentation
+    config = get_family("openvla_oft").adopt_config(OpenVLAConfig())
+    get_family("openvla_oft").configure(
+        config, data_args, data_args.camera_keys, action_dim=7, state_dim=8, norm_mode="bounds_q99", norm_stats={}
+    )
+    assert (config.num_images, config.state_dim, config.num_action_tokens) == (2, 8, 56)

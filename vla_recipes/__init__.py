@@ -8,6 +8,6 @@ import logging
 # bitsandbytes' CPU backend asks at import for a Hub kernel package it never needs here: not a user's concern.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from vla_recipes.models import openvla, pi05  # noqa: E402, F401  (registers the Auto classes)
+from vla_recipes.models import openvla, openvla_oft, pi05  # noqa: E402, F401  (registers the Auto classes)
 
 __version__ = "0.1.0"

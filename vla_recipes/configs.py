@@ -89,7 +89,7 @@ class ModelArguments:
         if (self.model_name_or_path is None) == (self.model_config is None):
             raise RecipeError("set exactly one of model_name_or_path (pretrained) or model_config (random init)")
         if self.model_config is not None and "model_type" not in self.model_config:
-            raise RecipeError("model_config needs a `model_type` key (openvla or pi05)")
+            raise RecipeError("model_config needs a `model_type` key (openvla, openvla_oft or pi05)")
         if self.model_config is not None and self.model_type not in (None, self.model_config["model_type"]):
             raise RecipeError(
                 f"model_type: {self.model_type!r} but model_config has model_type {self.model_config['model_type']!r}"

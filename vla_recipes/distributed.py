@@ -26,6 +26,7 @@ from vla_recipes.configs import ModelArguments, RecipeError
 # naming them here keeps the ~95% of the 7B that they hold sharded layer by layer whatever the version).
 FSDP_BLOCKS: dict[str, tuple[str, ...]] = {
     "openvla": ("LlamaDecoderLayer", "Block", "OpenVLAProjector"),
+    "openvla_oft": ("LlamaDecoderLayer", "Block", "OpenVLAProjector"),  # the small heads stay in the root unit
     "pi05": ("SiglipEncoderLayer",),
 }
 # Blocks that break a family's forward when they are FSDP units of their own (see FSDP_BLOCKS).

@@ -71,7 +71,7 @@ def predict_open_loop(model, processor, dataset, batch_size: int = 16, num_worke
     predicted, target, is_pad, predicted_ids = [], [], [], []
     for samples in loader:
         inputs = _on_device(family.inference_inputs(processor, samples), model.device)
-        if hasattr(model, "actions_from_ids"):
+        if family.decodes_action_tokens:
             ids = model.generate_action_ids(**inputs)
             actions = model.actions_from_ids(ids)
             predicted_ids.append(ids.reshape(actions.shape).cpu().numpy())

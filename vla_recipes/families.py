@@ -18,6 +18,8 @@ from vla_recipes.trainers.base import VLATrainer
 class Family:
     model_type: str
     supported_modes: tuple[str, ...] = ("full", "lora", "qlora")
+    # Actions come from generated LM tokens (``generate_action_ids`` + ``actions_from_ids``): evaluation scores them.
+    decodes_action_tokens: bool = False
 
     @property
     def model_class(self) -> type[PreTrainedModel]:
@@ -28,6 +30,11 @@ class Family:
 
     def default_action_norm_mask(self, action_dim: int) -> list[bool] | None:
         return None
+
+    def adopt_config(self, config: PretrainedConfig) -> PretrainedConfig:
+        """The config to train from a model folder of another family (e.g. OpenVLA-OFT from openvla-7b); by default
+        the folder's own config, which ``check_model_type`` then compares with the recipe."""
+        return config
 
     def modules_to_save(self, model: PreTrainedModel) -> list[str] | None:
         """Modules trained in full next to LoRA adapters (new heads a LoRA cannot express)."""
@@ -87,6 +94,7 @@ class Family:
 
 class OpenVLAFamily(Family):
     model_type = "openvla"
+    decodes_action_tokens = True
 
     @property
     def model_class(self) -> type[PreTrainedModel]:
@@ -178,6 +186,86 @@ class OpenVLAFamily(Family):
             data_collator=collator,
             processing_class=processor,
             action_tokenizer=action_tokenizer,
+        )
+
+
+class OpenVLAOFTFamily(OpenVLAFamily):
+    """OpenVLA-OFT: OpenVLA's backbone and prompt, several cameras, the robot state (optional), action chunks
+    decoded in parallel and regressed with an L1 loss. It starts from an OpenVLA model (openvla/openvla-7b) too."""
+
+    model_type = "openvla_oft"
+    decodes_action_tokens = False
+
+    @property
+    def model_class(self) -> type[PreTrainedModel]:
+        from vla_recipes.models.openvla_oft import OpenVLAOFTForActionPrediction
+
+        return OpenVLAOFTForActionPrediction
+
+    def adopt_config(self, config: PretrainedConfig) -> PretrainedConfig:
+        """An OpenVLA model's config becomes an OFT one (same backbone; the head is new)."""
+        from vla_recipes.models.openvla_oft import OpenVLAOFTConfig
+
+        return OpenVLAOFTConfig.from_openvla(config) if config.model_type == OpenVLAFamily.model_type else config
+
+    def modules_to_save(self, model: PreTrainedModel) -> list[str]:
+        """The action head and proprio projector are new: trained in full next to the LoRA, as OFT does."""
+        return ["action_head"] + (["proprio_projector"] if model.proprio_projector is not None else [])
+
+    def build_processor(self, config, model_args):
+        from vla_recipes.models.openvla_oft import OpenVLAOFTProcessor
+
+        if model_args.model_name_or_path is None:
+            return self.new_processor(config, model_args.tokenizer_name_or_path)
+        return OpenVLAOFTProcessor.from_pretrained(model_args.model_name_or_path)
+
+    def new_processor(self, config, tokenizer_name_or_path):
+        from vla_recipes.models.openvla_oft import OpenVLAOFTProcessor
+
+        openvla = super().new_processor(config, tokenizer_name_or_path)
+        return OpenVLAOFTProcessor(image_processor=openvla.image_processor, tokenizer=openvla.tokenizer)
+
+    def configure(self, config, data_args, camera_keys, **fields) -> None:
+        """Every camera goes through the fused backbone; the state (when ``state_key`` is set) is one token."""
+        config.num_images, config.state_dim = len(camera_keys), fields["state_dim"]
+        Family.configure(self, config, data_args, camera_keys, **fields)
+
+    def inference_inputs(self, processor, samples: list[dict]) -> dict:
+        states = [s["state"] for s in samples]
+        state = torch.stack(states) if all(x is not None for x in states) else None
+        return processor(images=[s["images"] for s in samples], text=[s["task"] for s in samples], state=state)
+
+    def check_prompts(self, processor, config, tasks: list[str]) -> None:
+        """BOS, every camera's patches, the proprio token, the prompt and the action placeholders must fit the
+        language model's ``max_position_embeddings``."""
+        from vla_recipes.models.openvla.processing_openvla import build_prompt
+
+        positions = config.text_config.max_position_embeddings
+        fixed = config.num_images * config.num_patches + (1 if config.state_dim else 0) + config.num_action_tokens
+        for task in tasks:
+            tokens = len(processor.tokenizer(build_prompt(task))["input_ids"]) + fixed
+            if tokens > positions:
+                limit = f"the language model's max_position_embeddings={positions} (with the images and actions)"
+                raise self._too_long(task, tokens, limit, "shorten the task, or lower action_horizon")
+
+    def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
+        from vla_recipes.data.collators import OpenVLAOFTDataCollator
+        from vla_recipes.data.normalize import select_stats
+        from vla_recipes.trainers.openvla_oft import OpenVLAOFTTrainer
+
+        config = model.config
+        collator = OpenVLAOFTDataCollator(
+            processor=processor,
+            action_stats=select_stats(config.norm_stats, None)["action"],
+            norm_mode=config.norm_mode,
+        )
+        return OpenVLAOFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=collator,
+            processing_class=processor,
         )
 
 
@@ -278,7 +366,9 @@ class Pi05Family(Family):
         )
 
 
-FAMILIES: dict[str, Family] = {family.model_type: family for family in (OpenVLAFamily(), Pi05Family())}
+FAMILIES: dict[str, Family] = {
+    family.model_type: family for family in (OpenVLAFamily(), OpenVLAOFTFamily(), Pi05Family())
+}
 
 
 def get_family(model_type: str) -> Family:

@@ -31,7 +31,7 @@ def load_config(model_args: ModelArguments) -> PretrainedConfig:
     if model_args.model_config is not None:
         model_type = model_args.model_config["model_type"]
         if model_type not in CONFIG_MAPPING:
-            raise RecipeError(f"model_config: model_type {model_type!r} is not known; use openvla or pi05")
+            raise RecipeError(f"model_config: model_type {model_type!r} is not known; use openvla, openvla_oft or pi05")
         try:
             return AutoConfig.for_model(**model_args.model_config)
         except (ValueError, TypeError) as e:  # the config class's own checks

@@ -186,7 +186,9 @@ def model_card(trainer, model_args) -> str:
             repo=args.hub_model_id or args.output_dir,
             task="pick up the bowl",
             images=_image_names(config.camera_keys),
-            state=", state=state  # (batch, state_dim)" if config.model_type == "pi05" else "",
+            state=", state=state  # (batch, state_dim)"
+            if config.model_type == "pi05" or getattr(config, "state_dim", None)
+            else "",
             horizon=config.action_horizon,
             action_dim=config.action_dim,
         ),

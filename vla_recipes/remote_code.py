@@ -28,6 +28,12 @@ AUTO_CLASSES: dict[str, dict[str, str]] = {
         "AutoImageProcessor": "vla_recipes.models.openvla.processing_openvla.OpenVLAImageProcessor",
         "AutoProcessor": "vla_recipes.models.openvla.processing_openvla.OpenVLAProcessor",
     },
+    "openvla_oft": {
+        "AutoConfig": "vla_recipes.models.openvla_oft.configuration_openvla_oft.OpenVLAOFTConfig",
+        "AutoModel": "vla_recipes.models.openvla_oft.modeling_openvla_oft.OpenVLAOFTForActionPrediction",
+        "AutoImageProcessor": "vla_recipes.models.openvla.processing_openvla.OpenVLAImageProcessor",
+        "AutoProcessor": "vla_recipes.models.openvla_oft.processing_openvla_oft.OpenVLAOFTProcessor",
+    },
     "pi05": {
         "AutoConfig": "vla_recipes.models.pi05.configuration_pi05.Pi05Config",
         "AutoModel": "vla_recipes.models.pi05.modeling_pi05.Pi05ForActionPrediction",

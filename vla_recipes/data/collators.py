@@ -112,3 +112,28 @@ class FlowMatchingDataCollator:
                 noise.append(sample_noise(shape, torch.device("cpu")))
                 time.append(sample_time(1, torch.device("cpu"), self.config))
         return torch.cat(noise), torch.cat(time)
+
+
+@dataclass
+class OpenVLAOFTDataCollator:
+    """OpenVLA-OFT batches: the processor's prompt and camera tensors, the raw robot state (the model normalises
+    it) and the action chunks normalised with the model's statistics, the L1 loss's targets; ``action_is_pad``
+    marks chunk steps past an episode's end (left out of the loss)."""
+
+    processor: object  # OpenVLAOFTProcessor
+    action_stats: dict
+    norm_mode: str = "bounds_q99"
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        states = [s["state"] for s in samples]
+        inputs = self.processor(
+            images=[s["images"] for s in samples],
+            text=[s["task"] for s in samples],
+            state=torch.stack(states) if all(state is not None for state in states) else None,
+        )
+        actions = normalize(torch.stack([s["actions"] for s in samples]).double(), self.action_stats, self.norm_mode)
+        return {
+            **inputs,
+            "actions": actions.float(),
+            "action_is_pad": torch.stack([s["action_is_pad"] for s in samples]),
+        }

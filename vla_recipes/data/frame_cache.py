@@ -94,7 +94,7 @@ def _fit(height: int, width: int, size: int) -> tuple[int, int]:
 def frame_resize_for(config) -> FrameResize | None:
     """The resize a model's processor starts with; ``None`` (cache at native size) for other models."""
     model_type = getattr(config, "model_type", None)
-    if model_type == "openvla":
+    if model_type in ("openvla", "openvla_oft"):
         return FrameResize("square_bicubic", config.image_size)
     if model_type == "pi05":
         return FrameResize("fit_bilinear", config.image_size)
