@@ -6,8 +6,14 @@ DEMO_DATA ?= data/synthetic_reach
 DEMO_OUT ?= outputs/demo-openvla
 DEMO_PI05_OUT ?= outputs/demo-pi05
 ACCELERATE := $(BIN)/accelerate launch --config_file accelerate_configs/single_gpu.yaml
+# Closed loop in MetaWorld (make demo-sim): expert demonstrations, a tiny pi0.5, 50 rollouts on unseen seeds.
+SIM_TASK ?= reach-v3
+SIM_DATA ?= data/mw_reach
+SIM_OUT ?= outputs/demo-sim-pi05
+SIM_ENV = '{"task": "$(SIM_TASK)", "image_size": 112, "episode_length": 150}'
+export MUJOCO_GL ?= egl  # MuJoCo renders headless
 
-.PHONY: install demo demo-pi05 test test-slow bench lint format clean
+.PHONY: install install-sim demo demo-pi05 demo-sim test test-slow bench lint format clean
 
 install: $(VENV)/.installed
 
@@ -15,6 +21,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+# The simulators (PushT, MetaWorld + MuJoCo) for recipes/rollout.py and vla_recipes.data.collect.
+install-sim: $(VENV)/.installed-sim
+
+$(VENV)/.installed-sim: $(VENV)/.installed
+	$(BIN)/pip install -e ".[dev,sim]"
 	touch $@
 
 $(DEMO_DATA)/meta/info.json: | install
@@ -30,6 +43,23 @@ demo: install $(DEMO_DATA)/meta/info.json
 demo-pi05: install $(DEMO_DATA)/meta/info.json
 	$(ACCELERATE) recipes/sft.py --config recipes/demo/pi05.yaml --output_dir $(DEMO_PI05_OUT) --overwrite_output_dir true
 	$(BIN)/python recipes/evaluate.py --model $(DEMO_PI05_OUT) --config recipes/demo/pi05.yaml
+
+# Scripted-expert demonstrations (cached), a tiny pi0.5 trained on them, then 50 rollouts on seeds never collected
+# (0-49; collection uses 100000+), next to the expert and a random policy on the same seeds.
+$(SIM_DATA)/meta/info.json: | install-sim
+	$(BIN)/python -m vla_recipes.data.collect --env metaworld --task $(SIM_TASK) --episodes 100 --root $(SIM_DATA) \
+		--image_size 112 --episode_length 150
+
+demo-sim: install-sim $(SIM_DATA)/meta/info.json
+	$(ACCELERATE) recipes/sft.py --config recipes/demo/metaworld_pi05.yaml --dataset_root $(SIM_DATA) \
+		--output_dir $(SIM_OUT) --overwrite_output_dir true
+	$(BIN)/python recipes/rollout.py --model $(SIM_OUT) --env metaworld_sized --env_kwargs $(SIM_ENV) \
+		--n_episodes 50 --batch_size 5 --n_action_steps 5
+	for baseline in expert random; do \
+		$(BIN)/python recipes/rollout.py --baseline $$baseline --output_dir $(SIM_OUT)-$$baseline \
+			--env metaworld_sized --env_kwargs $(SIM_ENV) --n_episodes 50 --batch_size 5 --videos 0 || exit 1; \
+	done
+	$(BIN)/python recipes/closed_loop_summary.py $(SIM_OUT) $(SIM_OUT)-expert $(SIM_OUT)-random
 
 test: install
 	$(BIN)/python -m pytest -q
