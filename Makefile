@@ -54,10 +54,10 @@ demo-sim: install-sim $(SIM_DATA)/meta/info.json
 	$(ACCELERATE) recipes/sft.py --config recipes/demo/metaworld_pi05.yaml --dataset_root $(SIM_DATA) \
 		--output_dir $(SIM_OUT) --overwrite_output_dir true
 	$(BIN)/python recipes/rollout.py --model $(SIM_OUT) --env metaworld_sized --env_kwargs $(SIM_ENV) \
-		--n_episodes 50 --batch_size 5 --n_action_steps 5
+		--n_episodes 50 --n_action_steps 5
 	for baseline in expert random; do \
 		$(BIN)/python recipes/rollout.py --baseline $$baseline --output_dir $(SIM_OUT)-$$baseline \
-			--env metaworld_sized --env_kwargs $(SIM_ENV) --n_episodes 50 --batch_size 5 --videos 0 || exit 1; \
+			--env metaworld_sized --env_kwargs $(SIM_ENV) --n_episodes 50 --videos 0 || exit 1; \
 	done
 	$(BIN)/python recipes/closed_loop_summary.py $(SIM_OUT) $(SIM_OUT)-expert $(SIM_OUT)-random
 
