@@ -7,8 +7,14 @@ DEMO_OUT ?= outputs/demo-openvla
 DEMO_PI05_OUT ?= outputs/demo-pi05
 DEMO_OFT_OUT ?= outputs/demo-openvla-oft
 ACCELERATE := $(BIN)/accelerate launch --config_file accelerate_configs/single_gpu.yaml
+# Closed loop in MetaWorld (make demo-sim): expert demonstrations, a tiny pi0.5, 50 rollouts on unseen seeds.
+SIM_TASK ?= reach-v3
+SIM_DATA ?= data/mw_reach
+SIM_OUT ?= outputs/demo-sim-pi05
+SIM_ENV = '{"task": "$(SIM_TASK)", "image_size": 112, "episode_length": 150}'
+export MUJOCO_GL ?= egl  # MuJoCo renders headless
 
-.PHONY: install demo demo-pi05 demo-oft test test-slow bench bench-gpu lint format clean
+.PHONY: install install-sim demo demo-pi05 demo-oft demo-sim test test-slow bench bench-gpu lint format clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +23,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
 	$(BIN)/pip install --no-deps "openpi-client==0.1.2"  # the robot-side client the serving tests use; pins numpy<2
+	touch $@
+
+# The simulators (PushT, MetaWorld + MuJoCo) for recipes/rollout.py and vla_recipes.data.collect.
+install-sim: $(VENV)/.installed-sim
+
+$(VENV)/.installed-sim: $(VENV)/.installed
+	$(BIN)/pip install -e ".[dev,sim]"
 	touch $@
 
 $(DEMO_DATA)/meta/info.json: | install
@@ -37,6 +50,23 @@ demo-pi05: install $(DEMO_DATA)/meta/info.json
 demo-oft: install $(DEMO_DATA)/meta/info.json
 	$(ACCELERATE) recipes/sft.py --config recipes/demo/openvla_oft.yaml --output_dir $(DEMO_OFT_OUT) --overwrite_output_dir true
 	$(BIN)/python recipes/evaluate.py --model $(DEMO_OFT_OUT) --config recipes/demo/openvla_oft.yaml
+
+# Scripted-expert demonstrations (cached), a tiny pi0.5 trained on them, then 50 rollouts on seeds never collected
+# (0-49; collection uses 100000+), next to the expert and a random policy on the same seeds.
+$(SIM_DATA)/meta/info.json: | install-sim
+	$(BIN)/python -m vla_recipes.data.collect --env metaworld --task $(SIM_TASK) --episodes 100 --root $(SIM_DATA) \
+		--image_size 112 --episode_length 150
+
+demo-sim: install-sim $(SIM_DATA)/meta/info.json
+	$(ACCELERATE) recipes/sft.py --config recipes/demo/metaworld_pi05.yaml --dataset_root $(SIM_DATA) \
+		--output_dir $(SIM_OUT) --overwrite_output_dir true
+	$(BIN)/python recipes/rollout.py --model $(SIM_OUT) --env metaworld_sized --env_kwargs $(SIM_ENV) \
+		--n_episodes 50 --n_action_steps 5
+	for baseline in expert random; do \
+		$(BIN)/python recipes/rollout.py --baseline $$baseline --output_dir $(SIM_OUT)-$$baseline \
+			--env metaworld_sized --env_kwargs $(SIM_ENV) --n_episodes 50 --videos 0 || exit 1; \
+	done
+	$(BIN)/python recipes/closed_loop_summary.py $(SIM_OUT) $(SIM_OUT)-expert $(SIM_OUT)-random
 
 test: install
 	$(BIN)/python -m pytest -q

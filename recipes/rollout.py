@@ -4,11 +4,16 @@
     python recipes/rollout.py --model outputs/pusht-pi05 --env pusht --n_episodes 50 --batch_size 10
     python recipes/rollout.py --model me/openvla-libero --env libero --env_kwargs '{"task": "libero_spatial"}'
     python recipes/rollout.py --model outputs/pusht-pi05 --server ws://gpu-box:8000 --env pusht  # recipes/serve.py
+    MUJOCO_GL=egl python recipes/rollout.py --model outputs/demo-sim-pi05 --env metaworld_sized \
+        --env_kwargs '{"task": "reach-v3", "image_size": 112}' --n_episodes 50
+    MUJOCO_GL=egl python recipes/rollout.py --baseline expert --output_dir outputs/expert --env metaworld_sized ...
 
 The environments, their observation processing and the evaluation loop are LeRobot's own
 (``lerobot.envs.make_env_config`` / ``make_env`` / ``make_env_pre_post_processors`` and ``eval_policy``); the
 model takes part as a :class:`vla_recipes.evaluation.ChunkedPolicy`: it predicts a chunk of
 ``action_horizon`` actions, executes ``--n_action_steps`` of them, then re-plans from the new observation.
+``--baseline expert`` (MetaWorld's scripted expert) or ``--baseline random`` (uniform actions) run in place of a
+model through the same loop and seeds: the figures a model's success rate is read against.
 
 Writes ``<output_dir>/rollout_results.json`` (LeRobot's per-task and overall figures), videos of the first
 ``--videos`` episodes under ``<output_dir>/videos/<suite>_<task>/eval_episode_<i>.mp4``, ``closed_loop_*`` keys
@@ -50,6 +55,7 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
         "--server", default=None, help="ws://host:port of recipes/serve.py: roll out the served model instead."
     )
     parser.add_argument("--api_key", default=None, help="The server's api key, if it has one.")
+    parser.add_argument("--baseline", choices=["expert", "random"], help="A scripted policy instead of a model.")
     parser.add_argument("--env", required=True, help="A LeRobot env type: pusht, libero, metaworld, aloha, ...")
     parser.add_argument("--env_kwargs", default="{}", help='JSON fields of its EnvConfig, e.g. \'{"task": "..."}\'.')
     parser.add_argument("--n_episodes", type=int, default=10)
@@ -63,11 +69,18 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output_dir", default=None, help="Where results go (default: --model when it is a folder).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(args)
+    cli = parser.parse_args(args)
+    if cli.baseline and (cli.model or cli.server):
+        parser.error("--baseline runs a scripted policy: give it without --model and --server")
+    if cli.baseline and not cli.output_dir:
+        parser.error("--baseline needs --output_dir")
+    return cli
 
 
 def env_config(env: str, env_kwargs: str):
     from lerobot.envs import make_env_config
+
+    import vla_recipes.envs.metaworld  # noqa: F401  (registers the metaworld_sized env type)
 
     try:
         return make_env_config(env, **json.loads(env_kwargs))
@@ -119,26 +132,42 @@ def match_env(config, env_cfg, camera_map: str | None) -> dict[str, str]:
     return {key: mapping[key] for key in config.camera_keys}  # in the model's camera order
 
 
+def baseline_policy(kind: str, envs: dict, seed: int):
+    """The scripted expert or a random policy over the one vector env of ``envs`` (a baseline runs one task)."""
+    from vla_recipes.envs.metaworld import ScriptedPolicy
+
+    vector_envs = [env for tasks in envs.values() for env in tasks.values()]
+    if len(vector_envs) != 1:
+        raise RecipeError(f"--baseline runs one task at a time; this env config builds {len(vector_envs)}")
+    if kind == "expert" and not hasattr(vector_envs[0].envs[0], "expert_policy"):
+        raise RecipeError("--baseline expert needs an env with a scripted expert (metaworld_sized)")
+    return ScriptedPolicy(kind, vector_envs[0], seed=seed)
+
+
 def main(args: list[str] | None = None) -> dict:
     from lerobot.envs import make_env, make_env_pre_post_processors
 
     cli = parse_args(args)
-    if cli.model is None and cli.server is None:
-        raise RecipeError("pass --model (in-process) or --server ws://host:port (a served model), or both")
+    if cli.model is None and cli.server is None and cli.baseline is None:
+        raise RecipeError("pass --model (in-process), --server ws://host:port (a served model) or --baseline")
     env_cfg = env_config(cli.env, cli.env_kwargs)
     out = Path(cli.output_dir) if cli.output_dir else default_output_dir(cli.model or "served")
     # With --server, --model only names the folder the results go to; the served model is what runs.
     client = PolicyClient(cli.server, api_key=cli.api_key, connections=cli.batch_size) if cli.server else None
     try:
-        config = client.config if client else AutoConfig.from_pretrained(cli.model)
-        camera_map = match_env(config, env_cfg, cli.camera_map)
+        camera_map = None
+        if not cli.baseline:
+            config = client.config if client else AutoConfig.from_pretrained(cli.model)
+            camera_map = match_env(config, env_cfg, cli.camera_map)
         try:
             envs = make_env(env_cfg, n_envs=cli.batch_size)
         except ModuleNotFoundError as e:
-            raise RecipeError(f"the {cli.env!r} env needs a package that is not installed ({e}); for PushT: "
+            raise RecipeError(f"the {cli.env!r} env needs a package that is not installed ({e}); "
                               "pip install -e '.[sim]'") from None  # fmt: skip
         options = {"n_action_steps": cli.n_action_steps, "task": cli.instruction}
-        if client:
+        if cli.baseline:
+            policy = baseline_policy(cli.baseline, envs, cli.seed)
+        elif client:
             policy = RemoteChunkedPolicy(client, camera_map, **options)
         else:
             model = AutoModel.from_pretrained(cli.model).to(cli.device).eval()
@@ -167,15 +196,18 @@ def main(args: list[str] | None = None) -> dict:
         "env": cli.env,
         "env_task": env_cfg.task,
     }
-    update_eval_results(out, PREFIX, results)
-    scalars = {
-        PREFIX + k: float(v) for k, v in results.items() if k in ("success_rate", "avg_sum_reward", "avg_max_reward")
-    }
+    update_eval_results(out, PREFIX, results | ({"baseline": cli.baseline} if cli.baseline else {}))
     name = f"{cli.env}/{env_cfg.task}" if env_cfg.task else cli.env
-    add_card_results(out, scalars, task=CLOSED_LOOP_TASK, dataset=name, section="Closed-loop evaluation")
+    if cli.model:
+        scalars = {
+            PREFIX + k: float(v)
+            for k, v in results.items()
+            if k in ("success_rate", "avg_sum_reward", "avg_max_reward")
+        }
+        add_card_results(out, scalars, task=CLOSED_LOOP_TASK, dataset=name, section="Closed-loop evaluation")
 
-    print(f"{name}: success {results['success_rate']:.1%} over {results['n_episodes']} episodes, "
-          f"average return {results['avg_sum_reward']:.3f}")  # fmt: skip
+    print(f"{cli.baseline or cli.model or cli.server} on {name}: success {results['success_rate']:.1%} over "
+          f"{results['n_episodes']} episodes, average return {results['avg_sum_reward']:.3f}")  # fmt: skip
     print(f"wrote {out / 'rollout_results.json'}, {len(overall['video_paths'])} videos in {out / 'videos'}")
     return info
 

@@ -247,3 +247,14 @@ def test_pi05_open_loop_scores_whole_chunks(two_camera_root, tmp_path):
     assert results["l1_per_step"][9] == pytest.approx(np.abs(predictions.predicted - predictions.target)[:7, 9].mean())
     (plot,) = plot_episodes(predictions, tmp_path / "plots", [3], [0, 6])
     assert plot.name == "episode_3.png" and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_wilson_interval_matches_the_closed_form():
+    from vla_recipes.evaluation import wilson_interval
+
+    assert wilson_interval(10, 50) == pytest.approx((0.1124, 0.3304), abs=1e-4)  # textbook value for 10/50
+    low, high = wilson_interval(0, 50)
+    assert low == 0.0 and high == pytest.approx(0.0713, abs=1e-4)  # not empty at 0 successes
+    assert wilson_interval(50, 50)[1] == 1.0
+    with pytest.raises(ValueError, match="at least one episode"):
+        wilson_interval(0, 0)

@@ -62,6 +62,8 @@ DATASETS: dict[str, dict[str, tuple[int, ...] | str]] = {
     },
     # lerobot envs/configs.py MetaworldEnv.features_map (top camera -> observation.image, agent_pos 4, action 4).
     "lerobot/metaworld_mt50": {"observation.image": "video", "observation.state": (4,), "action": (4,)},
+    # vla_recipes.data.collect's MetaWorld features (a camera stored as images, read like a video key here).
+    "local/mw_reach_224": {"observation.image": "video", "observation.state": (4,), "action": (4,)},
 }
 # openpi's BEHAVIOR state (src/openpi/policies/b1k_policy.py, behavior branch of wensi-ai/openpi): base_qvel, trunk,
 # left arm, right arm qpos, then both fingers of each gripper (openpi sums them), in BEHAVIOR-1K's 256-dim layout.

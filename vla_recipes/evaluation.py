@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,7 +234,7 @@ class ChunkedPolicy(torch.nn.Module):
 
 
 def evaluate_closed_loop(
-    policy: ChunkedPolicy,
+    policy: torch.nn.Module,
     envs: dict,
     env_processors: tuple,
     n_episodes: int,
@@ -243,13 +244,14 @@ def evaluate_closed_loop(
     start_seed: int | None = 0,
 ) -> dict:
     """LeRobot's ``eval_policy_all`` over ``{suite: {task_id: VectorEnv}}`` (as ``lerobot.envs.make_env`` returns):
-    ``{"per_task", "per_group", "overall"}`` with ``pc_success``, rewards and video paths. Closes the envs."""
+    ``{"per_task", "per_group", "overall"}`` with ``pc_success``, rewards and video paths. Closes the envs.
+    ``policy``: a :class:`ChunkedPolicy`, or any module with LeRobot's ``select_action`` / ``reset``."""
     from lerobot.policies import PreTrainedPolicy
     from lerobot.processor import PolicyProcessorPipeline
     from lerobot.processor.converters import policy_action_to_transition, transition_to_policy_action
     from lerobot.scripts.lerobot_eval import eval_policy_all
 
-    PreTrainedPolicy.register(ChunkedPolicy)
+    PreTrainedPolicy.register(type(policy))
     # The model's processor already normalises and tokenises: LeRobot's policy pipelines stay empty.
     preprocessor = PolicyProcessorPipeline(steps=[])
     postprocessor = PolicyProcessorPipeline(
@@ -268,3 +270,14 @@ def evaluate_closed_loop(
         videos_dir=Path(videos_dir) if videos_dir is not None else None,
         start_seed=start_seed,
     )
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% (``z`` = 1.96) Wilson score interval of a success rate: unlike the normal approximation it stays
+    inside [0, 1] and is not empty at 0 or n successes, where small closed-loop evaluations often land."""
+    if n <= 0:
+        raise ValueError(f"a success rate needs at least one episode, got n={n}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
