@@ -12,7 +12,8 @@ SIM_TASK ?= reach-v3
 SIM_DATA ?= data/mw_reach
 SIM_OUT ?= outputs/demo-sim-pi05
 SIM_ENV = '{"task": "$(SIM_TASK)", "image_size": 112, "episode_length": 150}'
-export MUJOCO_GL ?= egl  # MuJoCo renders headless
+# MuJoCo renders headless (a comment after the value would become part of it)
+export MUJOCO_GL ?= egl
 
 .PHONY: install install-sim demo demo-pi05 demo-oft demo-sim test test-slow bench bench-gpu lint format clean
 

@@ -305,6 +305,9 @@ def test_pusht_end_to_end(tiny_model, tmp_path):
         (cut / path.name).write_bytes(path.read_bytes())
     (cut / "config.json").write_text(json.dumps(config))
     result = run([*command, "--model", str(cut), "--videos", "1"], timeout=300)
+    assert result.returncode != 0  # PushT has no language: the model's prompt must be given
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the env gives no task instruction")
+    result = run([*command, "--model", str(cut), "--videos", "1", "--instruction", "push the T"], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "out/eval_results.json").read_text())
     assert results["closed_loop_n_episodes"] == 2 and 0 <= results["closed_loop_success_rate"] <= 1

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from vla_recipes.configs import RecipeError
 from vla_recipes.data.normalize import normalize, select_stats
 from vla_recipes.families import get_family
 from vla_recipes.metrics import METRICS
@@ -209,6 +210,8 @@ class ChunkedPolicy(torch.nn.Module):
         """(batch, action_horizon, action_dim) in the dataset's units."""
         batch = len(next(iter(observation[k] for k in self.camera_map.values())))
         tasks = [self.task] * batch if self.task is not None else list(observation.get("task", [""] * batch))
+        if not all(tasks):  # PushT and other envs without language: the model still needs its training prompt
+            raise RecipeError("the env gives no task instruction: pass the one the model was trained on, --instruction")
         samples = [
             {
                 "images": [observation[key][i] for key in self.camera_map.values()],
