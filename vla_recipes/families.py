@@ -144,17 +144,23 @@ class OpenVLAFamily(Family):
     def inference_inputs(self, processor, samples: list[dict]) -> dict:
         return processor(images=[s["images"][0] for s in samples], text=[s["task"] for s in samples])
 
+    beside_prompt = "the image and actions"  # what else the sequence holds, for the error
+
+    def tokens_beside_prompt(self, config) -> int:
+        """BOS's neighbours in the sequence: the image patches before the prompt, the action tokens and EOS after."""
+        return config.num_patches + config.action_horizon * config.action_dim + 1
+
     def check_prompts(self, processor, config, tasks: list[str]) -> None:
-        """The sequence is BOS, the image patches, the prompt, the action tokens and EOS: past the language model's
-        ``max_position_embeddings``, its rotary positions are ones it was never trained on."""
+        """Each task's prompt and :meth:`tokens_beside_prompt` must fit the language model's
+        ``max_position_embeddings``: past it, its rotary positions are ones it was never trained on."""
         from vla_recipes.models.openvla.processing_openvla import build_prompt
 
         positions = config.text_config.max_position_embeddings
-        fixed = config.num_patches + config.action_horizon * config.action_dim + 1  # + the EOS
+        fixed = self.tokens_beside_prompt(config)
         for task in tasks:
             tokens = len(processor.tokenizer(build_prompt(task))["input_ids"]) + fixed
             if tokens > positions:
-                limit = f"the language model's max_position_embeddings={positions} (with the image and actions)"
+                limit = f"the language model's max_position_embeddings={positions} (with {self.beside_prompt})"
                 raise self._too_long(task, tokens, limit, "shorten the task, or lower action_horizon")
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
@@ -235,18 +241,11 @@ class OpenVLAOFTFamily(OpenVLAFamily):
         state = torch.stack(states) if all(x is not None for x in states) else None
         return processor(images=[s["images"] for s in samples], text=[s["task"] for s in samples], state=state)
 
-    def check_prompts(self, processor, config, tasks: list[str]) -> None:
-        """BOS, every camera's patches, the proprio token, the prompt and the action placeholders must fit the
-        language model's ``max_position_embeddings``."""
-        from vla_recipes.models.openvla.processing_openvla import build_prompt
+    beside_prompt = "the images and actions"
 
-        positions = config.text_config.max_position_embeddings
-        fixed = config.num_images * config.num_patches + (1 if config.state_dim else 0) + config.num_action_tokens
-        for task in tasks:
-            tokens = len(processor.tokenizer(build_prompt(task))["input_ids"]) + fixed
-            if tokens > positions:
-                limit = f"the language model's max_position_embeddings={positions} (with the images and actions)"
-                raise self._too_long(task, tokens, limit, "shorten the task, or lower action_horizon")
+    def tokens_beside_prompt(self, config) -> int:
+        """Every camera's patches, the proprio token and the action placeholders."""
+        return config.num_images * config.num_patches + (1 if config.state_dim else 0) + config.num_action_tokens
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
         from vla_recipes.data.collators import OpenVLAOFTDataCollator
