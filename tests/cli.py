@@ -20,11 +20,11 @@ from types import ModuleType
 import psutil
 import yaml
 
+from vla_recipes.families import package_families
+
 ROOT = Path(__file__).resolve().parents[1]
-DEMOS = {
-    name: yaml.safe_load((ROOT / f"recipes/demo/{name}.yaml").read_text())
-    for name in ("openvla", "openvla_oft", "pi05")
-}
+# Every family of the package has its tiny demo recipe, recipes/demo/<model_type>.yaml (test_family_contract checks).
+DEMOS = {name: yaml.safe_load((ROOT / f"recipes/demo/{name}.yaml").read_text()) for name in package_families()}
 
 
 def load_script(name: str) -> ModuleType:

@@ -1,7 +1,7 @@
 """Hardware strategies: accelerate configs, refusals, SLURM launch, and equal losses across process layouts.
 
 Proofs on a CPU (gloo): 2-process DDP of ``recipes/sft.py`` logs the losses of 1 process with the same global batch
-and of gradient accumulation; FSDP2 (``fully_shard`` of the project's FSDP_BLOCKS) logs the losses of DDP. accelerate
+and of gradient accumulation; FSDP2 (``fully_shard`` of the family's fsdp_blocks) logs the losses of DDP. accelerate
 runs FSDP on GPUs only, so the FSDP proof drives ``fully_shard`` directly, started by torchrun: this file is also the
 worker script (``python -m torch.distributed.run ... tests/test_distributed.py <worker> <out>``).
 """
@@ -18,6 +18,8 @@ from unittest import mock
 import pytest
 import yaml
 from cli import DEMOS, ROOT, accelerate_launch, load_script, run
+
+from vla_recipes.families import get_family, package_families
 
 CONFIGS = ROOT / "accelerate_configs"
 LOSS_ATOL = 1e-5
@@ -91,7 +93,7 @@ def test_config_parses_into_its_strategy(name):
 @pytest.mark.parametrize("name", ["fsdp.yaml", "fsdp_qlora.yaml"])
 def test_fsdp_configs_build_accelerates_fsdp2_plugin(name):
     """The plugin accelerate builds from that environment: FSDP2, full shard, transformer-block wrapping with no
-    class named (recipes/sft.py fills in FSDP_BLOCKS), sharded checkpoints, CPU-RAM-efficient loading."""
+    class named (recipes/sft.py fills in the family's fsdp_blocks), sharded checkpoints, CPU-RAM-efficient loading."""
     from accelerate import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import StateDictType
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
@@ -124,14 +126,14 @@ def tiny_model(family: str, seed: int = 0):
     return get_family(config.model_type).model_class(config)
 
 
-@pytest.mark.parametrize("family", ["openvla", "openvla_oft", "pi05"])
+@pytest.mark.parametrize("family", sorted(package_families()))
 def test_fsdp_blocks_become_fsdp2_units(family):
     """use_fsdp_blocks gives accelerate's FSDP2 wrapping policy the family's blocks, which exist in the model;
     accelerate's fallback (the model's _no_split_modules) would take pi0.5's Gemma layers."""
     from accelerate import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
-    from vla_recipes.distributed import FSDP_BLOCKS, use_fsdp_blocks
+    from vla_recipes.distributed import use_fsdp_blocks
 
     model = tiny_model(family)
     _, env = launch_env(CONFIGS / "fsdp.yaml")
@@ -142,11 +144,12 @@ def test_fsdp_blocks_become_fsdp2_units(family):
 
     trainer = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
     use_fsdp_blocks(trainer, model)
-    assert plugin.transformer_cls_names_to_wrap == list(FSDP_BLOCKS[family])
+    blocks = get_family(family).fsdp_blocks
+    assert plugin.transformer_cls_names_to_wrap == list(blocks)
     policy = fsdp2_prepare_auto_wrap_policy(plugin, model)  # raises if a named class is not in the model
     units = [type(m).__name__ for m in model.modules() if policy(m)]
-    assert set(units) == set(FSDP_BLOCKS[family])
-    if family in ("openvla", "openvla_oft"):
+    assert set(units) == set(blocks)
+    if "LlamaDecoderLayer" in blocks:  # OpenVLA and OpenVLA-OFT
         assert units.count("LlamaDecoderLayer") == 2 and units.count("Block") == 4
         assert default_units == set(units)  # transformers 5 adds the Llama model's own _no_split_modules
     else:
@@ -381,7 +384,7 @@ def test_bf16_switch_trains_in_bf16(tmp_path, dataset_root, two_camera_root, dem
 @pytest.mark.slow
 def test_fsdp2_of_fsdp_blocks_matches_ddp(tmp_path):
     """openvla full, pi05 full and pi05 expert_only: 2 ranks, AdamW, 3 steps, same init and data. Making pi0.5's
-    Gemma layers units of their own fails, which is why FSDP_BLOCKS leaves them out."""
+    Gemma layers units of their own fails, which is why pi0.5's fsdp_blocks leave them out."""
     out = tmp_path / "fsdp.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = run([*command, __file__, "fsdp", str(out)], timeout=400)
@@ -395,14 +398,15 @@ def test_fsdp2_of_fsdp_blocks_matches_ddp(tmp_path):
 
 
 def fsdp_worker(out: str) -> None:
-    """Each case trains the same tiny model under DDP and under fully_shard (FSDP_BLOCKS, then the root)."""
+    """Each case trains the same tiny model under DDP and under fully_shard (the family's fsdp_blocks, then the
+    root)."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    from vla_recipes.distributed import FSDP_BLOCKS
+    from vla_recipes.families import get_family
 
     dist.init_process_group("gloo")
     rank, mesh = dist.get_rank(), init_device_mesh("cpu", (dist.get_world_size(),))
@@ -419,7 +423,7 @@ def fsdp_worker(out: str) -> None:
                 wrapped = DistributedDataParallel(model)
             else:
                 for module in list(model.modules()):
-                    if type(module).__name__ in FSDP_BLOCKS[family]:
+                    if type(module).__name__ in get_family(family).fsdp_blocks:
                         fully_shard(module, mesh=mesh)
                 wrapped = fully_shard(model, mesh=mesh)
             params = [p for p in wrapped.parameters() if p.requires_grad]

@@ -17,6 +17,7 @@ from vla_recipes.configs import DataArguments, RecipeError
 from vla_recipes.data import frame_cache
 from vla_recipes.data.frame_cache import FrameCache, FrameResize, frame_resize_for
 from vla_recipes.data.lerobot import VLADataset, load_metadata, resolve_camera_keys
+from vla_recipes.families import get_family, package_families
 
 CAMERA = "observation.images.image"
 WRIST = "observation.images.wrist_image"
@@ -95,20 +96,16 @@ def test_native_size_cache_is_bit_identical(dataset_root, tmp_path):
     assert not cached[16]["action_is_pad"].any()
 
 
-@pytest.mark.parametrize("family", ["openvla", "pi05"])
-def test_resized_cache_gives_the_processor_the_same_pixels(wide_root, tmp_path, family):
-    """After the real image processor: OpenVLA's pixel_values are identical, pi0.5's within one uint8 step."""
-    from vla_recipes.models.openvla import OpenVLAConfig, OpenVLAImageProcessor
-    from vla_recipes.models.pi05 import Pi05Config, Pi05ImageProcessor
-
-    if family == "openvla":
-        resize, processor = FrameResize("square_bicubic", 32), OpenVLAImageProcessor(image_size=32)
-        cached_shape = (3, 32, 32)
-        assert frame_resize_for(OpenVLAConfig()) == FrameResize("square_bicubic", 224)
-    else:
-        resize, processor = FrameResize("fit_bilinear", 32), Pi05ImageProcessor(image_size=32, camera_keys=[CAMERA])
-        cached_shape = (3, 24, 32)  # aspect kept, stored unpadded
-        assert frame_resize_for(Pi05Config()) == FrameResize("fit_bilinear", 224)
+@pytest.mark.parametrize("name", sorted(package_families()))
+def test_resized_cache_gives_the_processor_the_same_pixels(wide_root, tmp_path, name):
+    """After the family's real image processor: OpenVLA's pixel_values (square_bicubic) are identical, pi0.5's
+    (fit_bilinear) within one uint8 step."""
+    family = get_family(name)
+    assert frame_resize_for(family.config_class()) == FrameResize(family.frame_resize, 224)  # the default size
+    resize = FrameResize(family.frame_resize, 32)
+    processor = family.image_processor_class(image_size=32, camera_keys=[CAMERA])
+    # fit_bilinear keeps the aspect, stored unpadded
+    cached_shape = {"square_bicubic": (3, 32, 32), "fit_bilinear": (3, 24, 32)}[family.frame_resize]
     assert FrameResize(resize.mode, 64).output_size(48, 64) == (48, 64)  # not larger than the input: native
     cached = vla_dataset(wide_root, tmp_path, [0, 2], frame_resize=resize, action_horizon=3)
     plain = vla_dataset(wide_root, tmp_path, [0, 2], action_horizon=3, frame_cache=False)
@@ -117,7 +114,7 @@ def test_resized_cache_gives_the_processor_the_same_pixels(wide_root, tmp_path, 
     assert samples[0]["images"][0].shape == cached_shape and references[0]["images"][0].shape == (3, 48, 64)
     ours = processor([s["images"][0] for s in samples])["pixel_values"]
     theirs = processor([s["images"][0] for s in references])["pixel_values"]
-    if family == "openvla":
+    if family.frame_resize == "square_bicubic":
         assert torch.equal(ours, theirs)
     else:
         error = (ours - theirs).abs().max().item()

@@ -251,14 +251,14 @@ def test_lora_targets_matching_nothing_fail_before_anything_is_written(tmp_path,
 
 
 def test_a_failed_start_leaves_no_partial_output(tmp_path, dataset_root, monkeypatch):
-    from vla_recipes.families import OpenVLAFamily
+    from vla_recipes.families import get_family
 
     out = tmp_path / "out"
 
     def no_processor(*args):
         raise RecipeError("the processor cannot be built")
 
-    monkeypatch.setattr(OpenVLAFamily, "build_processor", no_processor)
+    monkeypatch.setattr(type(get_family("openvla")), "build_processor", no_processor)
     with pytest.raises(RecipeError, match="the processor cannot be built"):
         train(tmp_path, dataset_root, out, finetune_mode="lora")  # fails after base_model/ was written
     assert not out.exists()

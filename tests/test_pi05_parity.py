@@ -16,10 +16,9 @@ import torch
 from lerobot_pi05_reference import TINY_SIZES, build_reference
 
 from vla_recipes.configs import ModelArguments
-from vla_recipes.families import get_family
+from vla_recipes.families import get_family, package_families
 from vla_recipes.finetuning import load_config, load_model
 from vla_recipes.models.char_tokenizer import build_gemma_like_tokenizer
-from vla_recipes.models.openvla import TINY_OPENVLA_CONFIG
 from vla_recipes.models.pi05 import (
     TINY_PI0_CONFIG,
     TINY_PI05_CONFIG,
@@ -158,12 +157,12 @@ def test_matches_lerobot(lerobot_run: LeRobotRun, attn: str, monkeypatch) -> Non
         assert loss_diff < 1e-6 * abs(run.loss) and action_diff < 1e-6 * scale
 
 
-@pytest.mark.parametrize("model_type", ["pi05", "openvla"])
+@pytest.mark.parametrize("model_type", sorted(package_families()))
 def test_sdpa_is_the_default_and_the_recipe_key_reaches_model_config_models(model_type: str, tmp_path: Path) -> None:
     """A model built from a recipe's ``model_config`` gets ``attn_implementation`` as from_pretrained would."""
-    tiny = TINY_PI05_CONFIG if model_type == "pi05" else TINY_OPENVLA_CONFIG
-    model_args = ModelArguments(model_config={"model_type": model_type, **copy.deepcopy(tiny)})
-    model_class = get_family(model_type).model_class
+    family = get_family(model_type)
+    model_args = ModelArguments(model_config={"model_type": model_type, **copy.deepcopy(family.tiny_config)})
+    model_class = family.model_class
     default = load_model(model_args, load_config(model_args), model_class, str(tmp_path))
     assert default.config._attn_implementation == "sdpa"
     model_args.attn_implementation = "eager"

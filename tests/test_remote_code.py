@@ -15,7 +15,8 @@ import torch
 from cli import run
 from transformers.dynamic_module_utils import get_imports
 
-from vla_recipes.remote_code import AUTO_CLASSES, flatten_imports, module_closure, write_remote_code
+from vla_recipes.families import package_families
+from vla_recipes.remote_code import auto_classes, flatten_imports, module_closure, write_remote_code
 
 # Runs in a fresh interpreter where `import vla_recipes` fails: loads every folder through the Auto classes with
 # trust_remote_code=True and prints, per folder, the class's module and the largest difference to the reference.
@@ -162,7 +163,8 @@ def output_folders(model_type: str, tmp_path: Path) -> list[Path]:
 
 
 def test_module_closure_ships_every_imported_module_flat() -> None:
-    for model_type, targets in AUTO_CLASSES.items():
+    for model_type in package_families():
+        targets = auto_classes(model_type)
         files = module_closure([t.rpartition(".")[0] for t in targets.values()])
         assert {"normalize.py", "adapters.py"} <= set(files), model_type
         # what transformers requires installed before it runs the code: no vla_recipes, and no peft for full models

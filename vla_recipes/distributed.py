@@ -17,19 +17,9 @@ from accelerate.utils import str_to_bool
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from vla_recipes.configs import ModelArguments, RecipeError
+from vla_recipes.families import get_family
 
-# The modules that become FSDP2 units, per model family (``config.model_type``), instead of accelerate's default, the
-# model's ``_no_split_modules`` (which is also device_map's no-split list). pi0.5's names GemmaDecoderLayer, whose
-# weights the joint VLM + expert attention reads without calling the layer, so FSDP2 never gathers them ("got mixed
-# torch.Tensor and DTensor"): its Gemma layers stay in the root unit. OpenVLA's class attribute names only the
-# vision blocks and the projector (transformers >= 5 adds the Llama decoder layers from the language model at init;
-# naming them here keeps the ~95% of the 7B that they hold sharded layer by layer whatever the version).
-FSDP_BLOCKS: dict[str, tuple[str, ...]] = {
-    "openvla": ("LlamaDecoderLayer", "Block", "OpenVLAProjector"),
-    "openvla_oft": ("LlamaDecoderLayer", "Block", "OpenVLAProjector"),  # the small heads stay in the root unit
-    "pi05": ("SiglipEncoderLayer",),
-}
-# Blocks that break a family's forward when they are FSDP units of their own (see FSDP_BLOCKS).
+# Blocks that break a family's forward when they are FSDP units of their own (see ``Family.fsdp_blocks``).
 UNSHARDABLE_BLOCKS = ("GemmaDecoderLayer",)
 
 
@@ -41,7 +31,7 @@ class Strategy:
     num_processes: int = 1
     mixed_precision: str = "no"
     fsdp_version: int | None = None
-    fsdp_blocks: tuple[str, ...] = ()  # fsdp_transformer_layer_cls_to_wrap; empty: the family's FSDP_BLOCKS
+    fsdp_blocks: tuple[str, ...] = ()  # fsdp_transformer_layer_cls_to_wrap; empty: the family's fsdp_blocks
     fsdp_activation_checkpointing: bool = False
     fsdp_state_dict_type: str | None = None
     fsdp_reshard_after_forward: bool = False  # FSDP2's full shard
@@ -117,7 +107,7 @@ def check_strategy(
     if bad := [name for name in strategy.fsdp_blocks if name in UNSHARDABLE_BLOCKS]:
         raise RecipeError(
             f"fsdp_transformer_layer_cls_to_wrap names {bad}: pi0.5's joint attention reads these layers' weights "
-            "without calling them, so FSDP cannot gather them; drop the setting to use FSDP_BLOCKS (SiglipEncoderLayer)"
+            "without calling them, so FSDP cannot gather them; drop the setting to use the family's fsdp_blocks"
         )
     if strategy.fsdp_activation_checkpointing and training_args.gradient_checkpointing:
         raise RecipeError(
@@ -127,14 +117,15 @@ def check_strategy(
 
 
 def use_fsdp_blocks(trainer: Trainer, model: PreTrainedModel) -> None:
-    """Hand the family's FSDP_BLOCKS to accelerate's FSDP plugin, unless the accelerate config names its own."""
+    """Hand the family's ``fsdp_blocks`` (the modules that become FSDP2 units, instead of accelerate's default: the
+    model's ``_no_split_modules``) to accelerate's FSDP plugin, unless the accelerate config names its own."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if plugin is None or plugin.transformer_cls_names_to_wrap is not None:
         return
     if plugin.auto_wrap_policy is transformer_auto_wrap_policy:
-        plugin.transformer_cls_names_to_wrap = list(FSDP_BLOCKS[model.config.model_type])
+        plugin.transformer_cls_names_to_wrap = list(get_family(model.config.model_type).fsdp_blocks)
 
 
 def save_full_weights(trainer: Trainer) -> None:

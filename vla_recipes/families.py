@@ -1,35 +1,106 @@
-"""What ``recipes/sft.py`` needs to know per model family, keyed by ``config.model_type``.
+"""The model-family registry: what generic code (training, evaluation, FSDP, the frame cache, the model card) needs
+to know about a model family, keyed by ``config.model_type``.
 
-Each family says which fine-tuning modes and normalisation it uses by default, how to build its
-processor for a randomly initialised model, and how to assemble its collator and trainer. Adding a
-family means adding one class here; the training script does not change.
+A family is one folder, ``vla_recipes/models/<family>/``: its model files plus a ``family.py`` that subclasses
+:class:`Family` and calls :func:`register_family`. Importing ``vla_recipes`` imports every such ``family.py``
+(:func:`discover_families`), so adding a family edits nothing outside its folder (and its recipes). A family
+defined outside this package (a plugin, a notebook, a test) registers the same way; ``recipes/sft.py`` and the
+other scripts import the modules named in ``$VLA_RECIPES_FAMILIES`` (comma-separated) or advertised under the
+``vla_recipes.families`` entry-point group of an installed distribution, so a family that is not in this
+repository trains through the same scripts.
+
+:func:`register_family` checks the declaration when it is made: an incomplete family fails at import with one line
+naming what is missing, never after a run has trained.
 """
 
 from __future__ import annotations
 
-import torch
-from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
-from transformers.utils import PROCESSOR_NAME, cached_file
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import pkgutil
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from vla_recipes.configs import DataArguments, ModelArguments, RecipeError
-from vla_recipes.trainers.base import VLATrainer
+from transformers import AutoProcessor, PretrainedConfig, PreTrainedModel
+
+if TYPE_CHECKING:
+    from vla_recipes.configs import DataArguments, ModelArguments, RecipeError
+    from vla_recipes.data.frame_cache import FrameResize
+    from vla_recipes.trainers.base import VLATrainer
+
+# Where out-of-tree families are named: an env var for a module on the path, an entry-point group for a package.
+FAMILIES_ENV = "VLA_RECIPES_FAMILIES"
+ENTRY_POINT_GROUP = "vla_recipes.families"
 
 
 class Family:
-    model_type: str
-    supported_modes: tuple[str, ...] = ("full", "lora", "qlora")
+    """One model family's declaration. Subclasses set the class attributes of :attr:`REQUIRED` and override the
+    methods of :attr:`REQUIRED_METHODS`; the others have defaults that fit most families."""
+
+    # Declarations every family makes (checked by register_family).
+    REQUIRED: ClassVar[tuple[str, ...]] = (
+        "model_type",
+        "config_class",
+        "model_class",
+        "processor_class",
+        "image_processor_class",
+        "fsdp_blocks",
+        "frame_resize",
+        "tiny_config",
+    )
+    REQUIRED_METHODS: ClassVar[tuple[str, ...]] = (
+        "default_norm_mode",
+        "offline_tokenizer",
+        "new_processor",
+        "make_trainer",
+        "inference_inputs",
+        "check_prompts",
+    )
+
+    model_type: ClassVar[str]
+    config_class: ClassVar[type[PretrainedConfig]]
+    model_class: ClassVar[type[PreTrainedModel]]
+    processor_class: ClassVar[type]  # a ProcessorMixin: AutoProcessor's class, and remote code's
+    image_processor_class: ClassVar[type]  # AutoImageProcessor's class
+    # The module classes that become FSDP2 units instead of accelerate's default (the model's _no_split_modules).
+    fsdp_blocks: ClassVar[tuple[str, ...]]
+    # The processor's first image step, done once in the frame cache (FrameResize.mode: "square_bicubic",
+    # "fit_bilinear"), at ``config.image_size``; None: frames are cached at their native size.
+    frame_resize: ClassVar[str | None]
+    # A tiny random config's ``model_config`` fields (tests, CPU demos), without ``model_type``.
+    tiny_config: ClassVar[dict[str, Any]]
+
+    supported_modes: ClassVar[tuple[str, ...]] = ("full", "lora", "qlora")
+    # ``"type"`` values of LeRobot policy folders (config.json without model_type) this family's config reads.
+    lerobot_policy_types: ClassVar[tuple[str, ...]] = ()
     # Actions come from generated LM tokens (``generate_action_ids`` + ``actions_from_ids``): evaluation scores them.
-    decodes_action_tokens: bool = False
+    decodes_action_tokens: ClassVar[bool] = False
 
     @property
-    def model_class(self) -> type[PreTrainedModel]:
-        raise NotImplementedError
+    def auto_classes(self) -> dict[str, type]:
+        """The Auto class -> this family's class, as registered with transformers and written for remote code."""
+        return {
+            "AutoConfig": self.config_class,
+            "AutoModel": self.model_class,
+            "AutoImageProcessor": self.image_processor_class,
+            "AutoProcessor": self.processor_class,
+        }
 
     def default_norm_mode(self, config: PretrainedConfig) -> str:
         raise NotImplementedError
 
     def default_action_norm_mask(self, action_dim: int) -> list[bool] | None:
         return None
+
+    def takes_state(self, config: PretrainedConfig) -> bool:
+        """Whether the processor takes the robot state at inference (the model card's usage snippet shows it)."""
+        return bool(getattr(config, "state_dim", None))
+
+    def frame_resize_for(self, config: PretrainedConfig) -> FrameResize | None:
+        from vla_recipes.data.frame_cache import FrameResize
+
+        return None if self.frame_resize is None else FrameResize(self.frame_resize, config.image_size)
 
     def adopt_config(self, config: PretrainedConfig) -> PretrainedConfig:
         """The config to train from a model folder of another family (e.g. OpenVLA-OFT from openvla-7b); by default
@@ -40,6 +111,10 @@ class Family:
         """Modules trained in full next to LoRA adapters (new heads a LoRA cannot express)."""
         return None
 
+    def offline_tokenizer(self, config: PretrainedConfig):
+        """A tokenizer built locally for a randomly initialised model (no network): tests, CPU demos."""
+        raise NotImplementedError
+
     def build_processor(self, config: PretrainedConfig, model_args: ModelArguments):
         """The processor: saved with a pretrained model, built from the config for a random one."""
         if model_args.model_name_or_path is not None:
@@ -49,6 +124,7 @@ class Family:
         return self.new_processor(config, model_args.tokenizer_name_or_path)
 
     def new_processor(self, config: PretrainedConfig, tokenizer_name_or_path: str | None):
+        """A processor for ``config``; its tokenizer from ``tokenizer_name_or_path``, else :meth:`offline_tokenizer`."""
         raise NotImplementedError
 
     def configure(
@@ -88,289 +164,92 @@ class Family:
 
     @staticmethod
     def _too_long(task: str, tokens: int, limit: str, fix: str) -> RecipeError:
+        from vla_recipes.configs import RecipeError
+
         shown = task if len(task) <= 60 else f"{task[:57]}..."
         return RecipeError(f"the prompt of the dataset task {shown!r} takes {tokens} tokens, more than {limit}; {fix}")
 
 
-class OpenVLAFamily(Family):
-    model_type = "openvla"
-    decodes_action_tokens = True
+class FamilyDeclarationError(TypeError):
+    """A family registered without something generic code needs; the message names the family and what."""
 
-    @property
-    def model_class(self) -> type[PreTrainedModel]:
-        from vla_recipes.models.openvla import OpenVLAForActionPrediction
 
-        return OpenVLAForActionPrediction
+_FAMILIES: dict[str, Family] = {}
 
-    def default_norm_mode(self, config: PretrainedConfig) -> str:
-        return "bounds_q99"
 
-    def default_action_norm_mask(self, action_dim: int) -> list[bool]:
-        """OpenVLA's EEF_POS mask: every dim but the last (the gripper) is normalised."""
-        return [True] * (action_dim - 1) + [False]
+def register_family[F: (Family, type[Family])](family: F) -> F:
+    """Add a family to the registry (a class is instantiated); usable as a class decorator, returns its argument.
 
-    def build_processor(self, config, model_args):
-        """Ours, also from the published openvla/openvla-7b layout (whose processor files name remote code)."""
-        if model_args.model_name_or_path is None:
-            return self.new_processor(config, model_args.tokenizer_name_or_path)
-        from vla_recipes.models.openvla import OpenVLAProcessor
-
-        return OpenVLAProcessor.from_pretrained(model_args.model_name_or_path)
-
-    def new_processor(self, config, tokenizer_name_or_path):
-        from vla_recipes.models.char_tokenizer import build_llama_like_tokenizer
-        from vla_recipes.models.openvla import OpenVLAImageProcessor, OpenVLAProcessor
-
-        tokenizer = (
-            AutoTokenizer.from_pretrained(tokenizer_name_or_path)
-            if tokenizer_name_or_path
-            else build_llama_like_tokenizer(
-                config.n_action_bins, vocab_size=config.text_config.vocab_size - config.pad_to_multiple_of
-            )
+    Fails at once, in one line naming the family and what it lacks, when a declaration is missing or of the wrong
+    kind. Registering the same class again is a no-op (a module imported twice); another class under a taken
+    model_type is an error."""
+    declared = family
+    family = family() if isinstance(family, type) else family
+    name = getattr(family, "model_type", None) or type(family).__name__
+    missing = [attr for attr in Family.REQUIRED if not hasattr(family, attr)]
+    missing += [m for m in Family.REQUIRED_METHODS if getattr(type(family), m) is getattr(Family, m)]
+    if missing:
+        raise FamilyDeclarationError(f"family {name!r} declares no {', '.join(missing)}")
+    for attr, kind in (("config_class", PretrainedConfig), ("model_class", PreTrainedModel)):
+        if not (isinstance(getattr(family, attr), type) and issubclass(getattr(family, attr), kind)):
+            raise FamilyDeclarationError(f"family {name!r}: {attr} must be a {kind.__name__} subclass")
+    if family.config_class.model_type != family.model_type:
+        raise FamilyDeclarationError(
+            f"family {name!r}: config_class {family.config_class.__name__} has model_type "
+            f"{family.config_class.model_type!r}; they must match (config.model_type picks the family)"
         )
-        return OpenVLAProcessor(image_processor=OpenVLAImageProcessor.for_model(config), tokenizer=tokenizer)
-
-    def configure(self, config, data_args, camera_keys, **fields) -> None:
-        """OpenVLA sees one image and no state (so no relative actions: there is no state to add back)."""
-        if len(camera_keys) != 1:
-            raise RecipeError(f"OpenVLA sees one camera; camera_keys has {len(camera_keys)}: {camera_keys}")
-        if fields.get("relative_action_mask") is not None:
-            raise RecipeError(
-                "relative_actions: OpenVLA sees no robot state, so its actions cannot be made relative to it (nor "
-                "turned back at inference); drop relative_actions, or train pi0.5 / pi0"
-            )
-        super().configure(config, data_args, camera_keys, **fields)
-
-    def inference_inputs(self, processor, samples: list[dict]) -> dict:
-        return processor(images=[s["images"][0] for s in samples], text=[s["task"] for s in samples])
-
-    beside_prompt = "the image and actions"  # what else the sequence holds, for the error
-
-    def tokens_beside_prompt(self, config) -> int:
-        """BOS's neighbours in the sequence: the image patches before the prompt, the action tokens and EOS after."""
-        return config.num_patches + config.action_horizon * config.action_dim + 1
-
-    def check_prompts(self, processor, config, tasks: list[str]) -> None:
-        """Each task's prompt and :meth:`tokens_beside_prompt` must fit the language model's
-        ``max_position_embeddings``: past it, its rotary positions are ones it was never trained on."""
-        from vla_recipes.models.openvla.processing_openvla import build_prompt
-
-        positions = config.text_config.max_position_embeddings
-        fixed = self.tokens_beside_prompt(config)
-        for task in tasks:
-            tokens = len(processor.tokenizer(build_prompt(task))["input_ids"]) + fixed
-            if tokens > positions:
-                limit = f"the language model's max_position_embeddings={positions} (with {self.beside_prompt})"
-                raise self._too_long(task, tokens, limit, "shorten the task, or lower action_horizon")
-
-    def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
-        from vla_recipes.data.collators import OpenVLADataCollator
-        from vla_recipes.data.normalize import select_stats
-        from vla_recipes.models.openvla import ActionTokenizer
-        from vla_recipes.trainers.openvla import OpenVLATrainer
-
-        config = model.config
-        action_tokenizer = ActionTokenizer(processor.tokenizer, bins=config.n_action_bins)
-        expected = config.text_config.vocab_size - config.pad_to_multiple_of
-        if action_tokenizer.vocab_size != expected:
-            raise RecipeError(
-                f"the tokenizer's vocab_size ({action_tokenizer.vocab_size}) does not match the model's "
-                f"text_config.vocab_size - pad_to_multiple_of ({expected}): action tokens would be misread"
-            )
-        collator = OpenVLADataCollator(
-            processor=processor,
-            action_tokenizer=action_tokenizer,
-            action_stats=select_stats(config.norm_stats, getattr(config, "default_unnorm_key", None))["action"],
-            norm_mode=config.norm_mode,
-            norm_stats=config.norm_stats,
+    if not family.fsdp_blocks or isinstance(family.fsdp_blocks, str):
+        raise FamilyDeclarationError(f"family {name!r}: fsdp_blocks must be a non-empty tuple of module class names")
+    if family.frame_resize not in (None, "square_bicubic", "fit_bilinear"):
+        raise FamilyDeclarationError(
+            f"family {name!r}: frame_resize {family.frame_resize!r} is not None, 'square_bicubic' or 'fit_bilinear'"
         )
-        return OpenVLATrainer(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            data_collator=collator,
-            processing_class=processor,
-            action_tokenizer=action_tokenizer,
+    previous = _FAMILIES.get(family.model_type)
+    if previous is not None and type(previous).__qualname__ != type(family).__qualname__:
+        raise FamilyDeclarationError(
+            f"family {name!r} is already registered by {type(previous).__module__}.{type(previous).__qualname__}"
         )
+    _FAMILIES[family.model_type] = family
+    return declared
 
 
-class OpenVLAOFTFamily(OpenVLAFamily):
-    """OpenVLA-OFT: OpenVLA's backbone and prompt, several cameras, the robot state (optional), action chunks
-    decoded in parallel and regressed with an L1 loss. It starts from an OpenVLA model (openvla/openvla-7b) too."""
-
-    model_type = "openvla_oft"
-    decodes_action_tokens = False
-
-    @property
-    def model_class(self) -> type[PreTrainedModel]:
-        from vla_recipes.models.openvla_oft import OpenVLAOFTForActionPrediction
-
-        return OpenVLAOFTForActionPrediction
-
-    def adopt_config(self, config: PretrainedConfig) -> PretrainedConfig:
-        """An OpenVLA model's config becomes an OFT one (same backbone; the head is new)."""
-        from vla_recipes.models.openvla_oft import OpenVLAOFTConfig
-
-        return OpenVLAOFTConfig.from_openvla(config) if config.model_type == OpenVLAFamily.model_type else config
-
-    def modules_to_save(self, model: PreTrainedModel) -> list[str]:
-        """The action head and proprio projector are new: trained in full next to the LoRA, as OFT does."""
-        return ["action_head"] + (["proprio_projector"] if model.proprio_projector is not None else [])
-
-    def build_processor(self, config, model_args):
-        from vla_recipes.models.openvla_oft import OpenVLAOFTProcessor
-
-        if model_args.model_name_or_path is None:
-            return self.new_processor(config, model_args.tokenizer_name_or_path)
-        return OpenVLAOFTProcessor.from_pretrained(model_args.model_name_or_path)
-
-    def new_processor(self, config, tokenizer_name_or_path):
-        from vla_recipes.models.openvla_oft import OpenVLAOFTProcessor
-
-        openvla = super().new_processor(config, tokenizer_name_or_path)
-        return OpenVLAOFTProcessor(image_processor=openvla.image_processor, tokenizer=openvla.tokenizer)
-
-    def configure(self, config, data_args, camera_keys, **fields) -> None:
-        """Every camera goes through the fused backbone; the state (when ``state_key`` is set) is one token."""
-        config.num_images, config.state_dim = len(camera_keys), fields["state_dim"]
-        Family.configure(self, config, data_args, camera_keys, **fields)
-
-    def inference_inputs(self, processor, samples: list[dict]) -> dict:
-        states = [s["state"] for s in samples]
-        state = torch.stack(states) if all(x is not None for x in states) else None
-        return processor(images=[s["images"] for s in samples], text=[s["task"] for s in samples], state=state)
-
-    beside_prompt = "the images and actions"
-
-    def tokens_beside_prompt(self, config) -> int:
-        """Every camera's patches, the proprio token and the action placeholders."""
-        return config.num_images * config.num_patches + (1 if config.state_dim else 0) + config.num_action_tokens
-
-    def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
-        from vla_recipes.data.collators import OpenVLAOFTDataCollator
-        from vla_recipes.data.normalize import select_stats
-        from vla_recipes.trainers.openvla_oft import OpenVLAOFTTrainer
-
-        config = model.config
-        collator = OpenVLAOFTDataCollator(
-            processor=processor,
-            action_stats=select_stats(config.norm_stats, None)["action"],
-            norm_mode=config.norm_mode,
-        )
-        return OpenVLAOFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            data_collator=collator,
-            processing_class=processor,
-        )
-
-
-class Pi05Family(Family):
-    """pi0.5 and pi0 (``config.pi05`` False): flow matching on action chunks, several cameras."""
-
-    model_type = "pi05"
-    supported_modes = ("full", "expert_only", "lora", "qlora")
-    # LeRobot folders (lerobot/pi05_base) carry no tokenizer: theirs is PaliGemma's.
-    default_tokenizer = "google/paligemma-3b-pt-224"
-
-    @property
-    def model_class(self) -> type[PreTrainedModel]:
-        from vla_recipes.models.pi05 import Pi05ForActionPrediction
-
-        return Pi05ForActionPrediction
-
-    def default_norm_mode(self, config: PretrainedConfig) -> str:
-        return "quantiles" if config.pi05 else "mean_std"
-
-    def modules_to_save(self, model: PreTrainedModel) -> list[str]:
-        return model.action_head_modules()
-
-    def configure(self, config, data_args, camera_keys, **fields) -> None:
-        """Real action / state dims must fit the model's padded ones; pi0.5 needs a state for its prompt."""
-        for name, key, limit in (
-            ("action", data_args.action_key, "max_action_dim"),
-            ("state", data_args.state_key, "max_state_dim"),
-        ):
-            dim = fields[f"{name}_dim"]
-            if dim is None:
-                raise RecipeError("pi0.5 / pi0 need a robot state: set state_key (the dataset's state feature)")
-            if dim > getattr(config, limit):
-                raise RecipeError(
-                    f"the dataset's {key!r} has {dim} dims, more than the model's {limit}={getattr(config, limit)}"
-                    + ("; select the dims the model sees with state_indices" if name == "state" else "")
-                )
-        config.state_dim = fields["state_dim"]
-        super().configure(config, data_args, camera_keys, **fields)
-
-    def build_processor(self, config, model_args):
-        """A saved processor when the model folder has one (ours); else one built for the config (LeRobot folders)."""
-        path = model_args.model_name_or_path
-        has_processor = path is not None and cached_file(
-            path, PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False
-        )
-        if has_processor:
-            processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-            processor.norm_stats, processor.norm_mode = config.norm_stats, config.norm_mode
-            processor.relative_action_mask = getattr(config, "relative_action_mask", None)
-            processor.default_unnorm_key = getattr(config, "default_unnorm_key", None)
-            processor.image_processor.camera_keys = list(config.camera_keys)
-            return processor
-        tokenizer = model_args.tokenizer_name_or_path or (self.default_tokenizer if path is not None else None)
-        return self.new_processor(config, tokenizer)
-
-    def new_processor(self, config, tokenizer_name_or_path):
-        from vla_recipes.models.char_tokenizer import build_gemma_like_tokenizer
-        from vla_recipes.models.pi05 import Pi05Processor
-
-        tokenizer = (
-            AutoTokenizer.from_pretrained(tokenizer_name_or_path)
-            if tokenizer_name_or_path
-            else build_gemma_like_tokenizer()
-        )
-        return Pi05Processor.from_model_config(config, tokenizer)
-
-    def inference_inputs(self, processor, samples: list[dict]) -> dict:
-        state = torch.stack([s["state"] for s in samples])
-        return processor(images=[s["images"] for s in samples], text=[s["task"] for s in samples], state=state)
-
-    def check_prompts(self, processor, config, tasks: list[str]) -> None:
-        """The processor refuses a prompt over ``tokenizer_max_length`` (cut, it would lose the state and the
-        "Action:" suffix); here every task is tried with the longest state text (three digits per dim)."""
-        import numpy as np
-
-        from vla_recipes.models.pi05.processing_pi05 import pi05_prompt
-
-        bins = np.full(config.state_dim or 0, 255)
-        for task in tasks:
-            prompt = pi05_prompt(task, bins) if processor.pi05 else f"{task}\n"
-            tokens = len(processor.tokenizer(prompt)["input_ids"])
-            if tokens > processor.max_length:
-                limit = f"the model's tokenizer_max_length={processor.max_length}"
-                raise self._too_long(task, tokens, limit, "shorten the task, or raise tokenizer_max_length")
-
-    def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
-        from vla_recipes.data.collators import FlowMatchingDataCollator
-        from vla_recipes.trainers.flow_matching import FlowMatchingTrainer
-
-        return FlowMatchingTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            data_collator=FlowMatchingDataCollator(processor, config=model.config),
-            processing_class=processor,
-        )
-
-
-FAMILIES: dict[str, Family] = {
-    family.model_type: family for family in (OpenVLAFamily(), OpenVLAOFTFamily(), Pi05Family())
-}
+def families() -> dict[str, Family]:
+    """Every registered family, by model_type (a copy: register with :func:`register_family`)."""
+    return dict(_FAMILIES)
 
 
 def get_family(model_type: str) -> Family:
-    if model_type not in FAMILIES:
-        raise RecipeError(f"model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
-    return FAMILIES[model_type]
+    if model_type not in _FAMILIES:
+        from vla_recipes.configs import RecipeError
+
+        raise RecipeError(f"model_type {model_type!r} is not supported; supported: {sorted(_FAMILIES)}")
+    return _FAMILIES[model_type]
+
+
+def lerobot_policy_types() -> dict[str, type[PretrainedConfig]]:
+    """LeRobot policy ``"type"`` names -> the config class that reads such a folder."""
+    return {name: f.config_class for f in _FAMILIES.values() for name in f.lerobot_policy_types}
+
+
+def discover_families() -> None:
+    """Import every ``vla_recipes/models/<family>/family.py``, then the out-of-tree family modules named in
+    ``$VLA_RECIPES_FAMILIES`` or under the ``vla_recipes.families`` entry-point group."""
+    import vla_recipes.models
+
+    for info in pkgutil.iter_modules(vla_recipes.models.__path__, prefix="vla_recipes.models."):
+        if info.ispkg and importlib.util.find_spec(f"{info.name}.family") is not None:
+            importlib.import_module(f"{info.name}.family")
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        entry_point.load()
+    for module in filter(None, (m.strip() for m in os.environ.get(FAMILIES_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(
+                f"${FAMILIES_ENV} names {module!r}, which cannot be imported ({e}); put its folder on PYTHONPATH"
+            ) from None
+
+
+def package_families() -> dict[str, Family]:
+    """The registered families that live in this package (``vla_recipes/models/<family>/``), not plugins."""
+    return {name: f for name, f in _FAMILIES.items() if type(f).__module__.startswith("vla_recipes.models.")}

@@ -17,21 +17,20 @@ from transformers import CONFIG_MAPPING, AutoConfig, BitsAndBytesConfig, Pretrai
 from transformers.utils import CONFIG_NAME, cached_file
 
 from vla_recipes.configs import ModelArguments, RecipeError
+from vla_recipes.families import families, lerobot_policy_types
 from vla_recipes.models.adapters import AdapterBaseMismatchError
-from vla_recipes.models.pi05 import Pi05Config
 
 ADAPTER_MODES = ("lora", "qlora")
-# LeRobot policy folders (``config.json`` with ``type``) this package reads, by that type.
-LEROBOT_POLICY_TYPES: dict[str, type[PretrainedConfig]] = {"pi05": Pi05Config, "pi0": Pi05Config}
 
 
 def load_config(model_args: ModelArguments) -> PretrainedConfig:
     """The model's config, read without loading weights: from ``model_config``, a transformers folder, or a
-    LeRobot policy folder (``"type": "pi05"``, as lerobot/pi05_base is laid out), which AutoConfig cannot read."""
+    LeRobot policy folder (a ``"type"`` in a family's ``lerobot_policy_types``, as lerobot/pi05_base is laid out), which
+    AutoConfig cannot read."""
     if model_args.model_config is not None:
         model_type = model_args.model_config["model_type"]
         if model_type not in CONFIG_MAPPING:
-            raise RecipeError(f"model_config: model_type {model_type!r} is not known; use openvla, openvla_oft or pi05")
+            raise RecipeError(f"model_config: model_type {model_type!r} is not known; use one of {sorted(families())}")
         try:
             return AutoConfig.for_model(**model_args.model_config)
         except (ValueError, TypeError) as e:  # the config class's own checks
@@ -43,8 +42,8 @@ def load_config(model_args: ModelArguments) -> PretrainedConfig:
     if config_file is None:
         raise RecipeError(f"model_name_or_path={path!r} has no {CONFIG_NAME}: not a model folder or Hub model id")
     raw = json.loads(Path(config_file).read_text())
-    if "model_type" not in raw and raw.get("type") in LEROBOT_POLICY_TYPES:
-        return LEROBOT_POLICY_TYPES[raw["type"]].from_pretrained(path)
+    if "model_type" not in raw and raw.get("type") in (lerobot_types := lerobot_policy_types()):
+        return lerobot_types[raw["type"]].from_pretrained(path)
     return AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
 
 

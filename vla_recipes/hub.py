@@ -22,6 +22,7 @@ import yaml
 
 from vla_recipes.configs import RecipeError
 from vla_recipes.data.stats import action_stats_markdown
+from vla_recipes.families import get_family
 from vla_recipes.models.adapters import record_portable_base
 from vla_recipes.remote_code import write_remote_code
 
@@ -186,9 +187,7 @@ def model_card(trainer, model_args) -> str:
             repo=args.hub_model_id or args.output_dir,
             task="pick up the bowl",
             images=_image_names(config.camera_keys),
-            state=", state=state  # (batch, state_dim)"
-            if config.model_type == "pi05" or getattr(config, "state_dim", None)
-            else "",
+            state=", state=state  # (batch, state_dim)" if get_family(config.model_type).takes_state(config) else "",
             horizon=config.action_horizon,
             action_dim=config.action_dim,
         ),

@@ -14,33 +14,23 @@ import ast
 import importlib
 import importlib.util
 import json
+import logging
 import re
 from pathlib import Path
 
 from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, PROCESSOR_NAME
 
 PACKAGE = "vla_recipes"
-# Per model_type: the Auto class -> "module.Class" of this package that it resolves to.
-AUTO_CLASSES: dict[str, dict[str, str]] = {
-    "openvla": {
-        "AutoConfig": "vla_recipes.models.openvla.configuration_openvla.OpenVLAConfig",
-        "AutoModel": "vla_recipes.models.openvla.modeling_openvla.OpenVLAForActionPrediction",
-        "AutoImageProcessor": "vla_recipes.models.openvla.processing_openvla.OpenVLAImageProcessor",
-        "AutoProcessor": "vla_recipes.models.openvla.processing_openvla.OpenVLAProcessor",
-    },
-    "openvla_oft": {
-        "AutoConfig": "vla_recipes.models.openvla_oft.configuration_openvla_oft.OpenVLAOFTConfig",
-        "AutoModel": "vla_recipes.models.openvla_oft.modeling_openvla_oft.OpenVLAOFTForActionPrediction",
-        "AutoImageProcessor": "vla_recipes.models.openvla.processing_openvla.OpenVLAImageProcessor",
-        "AutoProcessor": "vla_recipes.models.openvla_oft.processing_openvla_oft.OpenVLAOFTProcessor",
-    },
-    "pi05": {
-        "AutoConfig": "vla_recipes.models.pi05.configuration_pi05.Pi05Config",
-        "AutoModel": "vla_recipes.models.pi05.modeling_pi05.Pi05ForActionPrediction",
-        "AutoImageProcessor": "vla_recipes.models.pi05.image_processing_pi05.Pi05ImageProcessor",
-        "AutoProcessor": "vla_recipes.models.pi05.processing_pi05.Pi05Processor",
-    },
-}
+logger = logging.getLogger(__name__)
+
+
+def auto_classes(model_type: str) -> dict[str, str]:
+    """The Auto class -> "module.Class" its family declares (``Family.auto_classes``)."""
+    from vla_recipes.families import get_family
+
+    return {auto: f"{cls.__module__}.{cls.__qualname__}" for auto, cls in get_family(model_type).auto_classes.items()}
+
+
 _RELATIVE_IMPORT = re.compile(r"^(\s*from\s+)\.+(?:\w+\.)*(\w+)(\s+import\b)", flags=re.MULTILINE)
 
 
@@ -104,10 +94,13 @@ def write_remote_code(folder: str | Path, model_type: str) -> list[Path]:
     """Write the model's code and ``auto_map`` into a saved folder (weights or adapter + config, processor).
 
     Returns the code files written."""
-    if model_type not in AUTO_CLASSES:
-        raise ValueError(f"no remote code for model_type {model_type!r}; known: {sorted(AUTO_CLASSES)}")
+    targets = auto_classes(model_type)
+    if not all(target.startswith(f"{PACKAGE}.") for target in targets.values()):
+        logger.warning(
+            "remote code: %s's classes live outside %s; not written (their package ships them)", model_type, PACKAGE
+        )
+        return []
     folder = Path(folder)
-    targets = AUTO_CLASSES[model_type]
     written = []
     for file_name, path in module_closure([t.rpartition(".")[0] for t in targets.values()]).items():
         (folder / file_name).write_text(flatten_imports(path.read_text()))

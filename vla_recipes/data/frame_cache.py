@@ -92,13 +92,10 @@ def _fit(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 def frame_resize_for(config) -> FrameResize | None:
-    """The resize a model's processor starts with; ``None`` (cache at native size) for other models."""
-    model_type = getattr(config, "model_type", None)
-    if model_type in ("openvla", "openvla_oft"):
-        return FrameResize("square_bicubic", config.image_size)
-    if model_type == "pi05":
-        return FrameResize("fit_bilinear", config.image_size)
-    return None
+    """The resize the model family's processor starts with (``Family.frame_resize``); ``None``: native size."""
+    from vla_recipes.families import get_family  # the registry knows the models; this module does not
+
+    return get_family(config.model_type).frame_resize_for(config)
 
 
 def frame_cache_dir(configured: str | None) -> Path:
