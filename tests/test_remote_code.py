@@ -204,5 +204,5 @@ def test_output_folders_load_with_trust_remote_code_without_the_package(tmp_path
 
 
 def test_unknown_model_type_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no remote code for model_type 'nope'"):
+    with pytest.raises(ValueError, match="model_type 'nope' is not supported"):
         write_remote_code(tmp_path, "nope")

@@ -30,7 +30,10 @@ def load_config(model_args: ModelArguments) -> PretrainedConfig:
     if model_args.model_config is not None:
         model_type = model_args.model_config["model_type"]
         if model_type not in CONFIG_MAPPING:
-            raise RecipeError(f"model_config: model_type {model_type!r} is not known; use one of {sorted(families())}")
+            *others, last = sorted(families())
+            raise RecipeError(
+                f"model_config: model_type {model_type!r} is not known; use {', '.join(others)} or {last}"
+            )
         try:
             return AutoConfig.for_model(**model_args.model_config)
         except (ValueError, TypeError) as e:  # the config class's own checks
