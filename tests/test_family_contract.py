@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import typing
 from dataclasses import dataclass
@@ -301,10 +302,8 @@ def test_an_incomplete_family_fails_at_registration_in_one_line():
     assert families() == before
 
 
-def test_toy_family_trains_through_sft_saves_and_reloads(tmp_path, dataset_root):
-    """A family outside the package, named in $VLA_RECIPES_FAMILIES: ``recipes/sft.py`` trains it (the loss falls),
-    the output folder reloads with AutoModel / AutoProcessor, and batched ``predict_action`` equals one by one."""
-    out = tmp_path / "out"
+def toy_recipe(folder: Path, dataset_root: str, **overrides) -> Path:
+    """The toy family on the synthetic dataset: 5 training episodes, 60 steps unless overridden."""
     recipe = {
         "model_config": {"model_type": TOY, **ToyFamily.tiny_config},
         "finetune_mode": "full",
@@ -315,7 +314,7 @@ def test_toy_family_trains_through_sft_saves_and_reloads(tmp_path, dataset_root)
         "action_horizon": 4,
         "train_episodes": ["0:5"],
         "eval_episodes": ["5:6"],
-        "output_dir": str(out),
+        "output_dir": str(folder / "out"),
         "learning_rate": 3e-3,
         "max_steps": 60,
         "per_device_train_batch_size": 16,
@@ -323,11 +322,26 @@ def test_toy_family_trains_through_sft_saves_and_reloads(tmp_path, dataset_root)
         "save_strategy": "no",
         "dataloader_num_workers": 0,
         "report_to": "none",
+        "disable_tqdm": True,
         "seed": 0,
+        **overrides,
     }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return folder / "recipe.yaml"
+
+
+def sft(recipe: Path, *extra: str, until=None):
+    """``python recipes/sft.py`` as a user with an out-of-tree family runs it: the module named in the env var."""
     env = {"VLA_RECIPES_FAMILIES": Path(__file__).stem, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-    result = run([sys.executable, str(ROOT / "recipes/sft.py"), "--config", str(tmp_path / "recipe.yaml")], env=env)
+    return run([sys.executable, str(ROOT / "recipes/sft.py"), "--config", str(recipe), *extra], env=env, until=until)
+
+
+def test_toy_family_trains_through_sft_saves_and_reloads(tmp_path, dataset_root):
+    """A family outside the package, named in $VLA_RECIPES_FAMILIES: ``recipes/sft.py`` trains it (the loss falls),
+    the output folder reloads with AutoModel / AutoProcessor, and batched ``predict_action`` equals one by one."""
+    out = tmp_path / "out"
+    result = sft(toy_recipe(tmp_path, dataset_root))
     assert result.returncode == 0, result.stderr[-3000:]
 
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -353,3 +367,58 @@ def test_toy_family_trains_through_sft_saves_and_reloads(tmp_path, dataset_root)
     )
     assert batched.shape == (3, 4, 7)
     torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_toy_family_lora_folder_reloads_and_resume_equals_uninterrupted(tmp_path, dataset_root):
+    """LoRA: the adapter folder reloads with AutoModel and predicts as its merged model does. Resume: a run killed
+    after its first checkpoint and resumed logs the losses and ends with the weights of an uninterrupted one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import load_file
+
+    steps = {"max_steps": 10, "logging_steps": 1, "save_strategy": "steps", "save_steps": 5, "eval_strategy": "no"}
+    lora = dict(steps, finetune_mode="lora", merge_adapters=True, eval_episodes=None)
+    killed_out = tmp_path / "killed" / "out"
+    with ThreadPoolExecutor(3) as pool:
+        runs = [
+            pool.submit(sft, toy_recipe(tmp_path / "lora", dataset_root, **lora)),
+            pool.submit(sft, toy_recipe(tmp_path / "reference", dataset_root, **steps, eval_episodes=None)),
+            pool.submit(
+                sft,
+                toy_recipe(tmp_path / "killed", dataset_root, **steps, eval_episodes=None),
+                until=lambda: (killed_out / "checkpoint-5").exists(),
+            ),
+        ]
+        lora_run, reference, killed = (r.result() for r in runs)
+    assert lora_run.returncode == 0, lora_run.stderr[-3000:]
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "lora" / "out"
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    adapter, merged = AutoModel.from_pretrained(out).eval(), AutoModel.from_pretrained(out / "merged").eval()
+    processor = AutoProcessor.from_pretrained(out)
+    g = torch.Generator().manual_seed(0)
+    inputs = processor(
+        images=[[torch.randint(0, 256, (3, 64, 64), generator=g, dtype=torch.uint8)] for _ in range(2)],
+        text=["pick up the bowl", "go"],
+        state=torch.randn(2, 8, generator=g),
+    )
+    torch.testing.assert_close(adapter.predict_action(**inputs), merged.predict_action(**inputs), rtol=1e-5, atol=1e-5)
+
+    if killed.returncode == 0:  # finished before the kill landed (a busy machine): resume from its first checkpoint
+        shutil.rmtree(killed_out / "checkpoint-10")
+    resumed = sft(tmp_path / "killed" / "recipe.yaml", "--resume_from_checkpoint", str(killed_out / "checkpoint-5"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def logged(folder: Path) -> dict[int, float]:
+        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+        return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+    expected, got = logged(tmp_path / "reference" / "out"), logged(killed_out)
+    assert sorted(expected) == sorted(got) == list(range(1, 11)), (expected, got)
+    assert max(abs(expected[step] - got[step]) for step in expected) <= 1e-6, (expected, got)
+    reference_weights = load_file(tmp_path / "reference" / "out" / "model.safetensors")
+    weights = load_file(killed_out / "model.safetensors")
+    assert reference_weights.keys() == weights.keys()
+    assert all(torch.equal(reference_weights[k], weights[k]) for k in weights)

@@ -1,1 +1,2 @@
-"""Trainers: the shared ``VLATrainer`` and one subclass per model family."""
+"""Trainers: the shared ``VLATrainer`` and the loss-kind trainers (flow matching); a family's own trainer lives in
+its folder (``vla_recipes/models/<family>/trainer.py``)."""

@@ -92,7 +92,8 @@ class OpenVLAFamily(Family):
         from vla_recipes.configs import RecipeError
         from vla_recipes.data.collators import OpenVLADataCollator
         from vla_recipes.data.normalize import select_stats
-        from vla_recipes.trainers.openvla import OpenVLATrainer
+
+        from .trainer import OpenVLATrainer
 
         config = model.config
         action_tokenizer = ActionTokenizer(processor.tokenizer, bins=config.n_action_bins)

@@ -57,7 +57,8 @@ class OpenVLAOFTFamily(OpenVLAFamily):
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset):
         from vla_recipes.data.collators import OpenVLAOFTDataCollator
         from vla_recipes.data.normalize import select_stats
-        from vla_recipes.trainers.openvla_oft import OpenVLAOFTTrainer
+
+        from .trainer import OpenVLAOFTTrainer
 
         config = model.config
         collator = OpenVLAOFTDataCollator(
