@@ -107,6 +107,15 @@ class ToyForActionPrediction(PreTrainedModel):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
+    def lora_target_modules(self) -> list[str]:
+        """The LoRA targets when the recipe names none: the blocks' linears (the head is small, trained by LoRA's
+        neighbours through them)."""
+        return [
+            name
+            for name, module in self.named_modules()
+            if name.startswith("blocks.") and isinstance(module, nn.Linear)
+        ]
+
     def predict_chunk(self, pixel_values, input_ids, attention_mask, state=None) -> torch.Tensor:
         batch, cameras = pixel_values.shape[:2]
         image = self.patches(pixel_values.flatten(0, 1)).mean((-2, -1)).view(batch, cameras, -1).mean(1)
@@ -296,6 +305,13 @@ def test_an_incomplete_family_fails_at_registration_in_one_line():
     other = type("Other", (Family,), declared | {"model_type": "other_toy"})
     with pytest.raises(FamilyDeclarationError, match="config_class ToyConfig has model_type 'toy_regressor'"):
         register_family(other)
+    no_lora_targets = type(
+        "NoLoraTargets",
+        (Family,),
+        declared | {"model_class": type("Bare", (PreTrainedModel,), {"config_class": ToyConfig})},
+    )
+    with pytest.raises(FamilyDeclarationError, match=r"supports lora but Bare has no lora_target_modules\(\)"):
+        register_family(no_lora_targets)
     taken = type("Taken", (Family,), declared)
     with pytest.raises(FamilyDeclarationError, match="already registered by test_family_contract.ToyFamily"):
         register_family(taken)

@@ -198,6 +198,12 @@ def register_family[F: (Family, type[Family])](family: F) -> F:
             f"family {name!r}: config_class {family.config_class.__name__} has model_type "
             f"{family.config_class.model_type!r}; they must match (config.model_type picks the family)"
         )
+    adapters = sorted(set(family.supported_modes) & {"lora", "qlora"})
+    if adapters and not callable(getattr(family.model_class, "lora_target_modules", None)):
+        raise FamilyDeclarationError(
+            f"family {name!r} supports {'/'.join(adapters)} but {family.model_class.__name__} has no "
+            "lora_target_modules() (the default LoRA targets)"
+        )
     if not family.fsdp_blocks or isinstance(family.fsdp_blocks, str):
         raise FamilyDeclarationError(f"family {name!r}: fsdp_blocks must be a non-empty tuple of module class names")
     if family.frame_resize not in (None, "square_bicubic", "fit_bilinear"):
