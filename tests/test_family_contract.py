@@ -46,6 +46,7 @@ from vla_recipes.families import (
     package_families,
     register_family,
 )
+from vla_recipes.models.adapters import AdapterFolderMixin
 from vla_recipes.models.char_tokenizer import build_gemma_like_tokenizer
 
 TOY = "toy_regressor"
@@ -83,7 +84,7 @@ class ToyBlock(nn.Module):
         return x + self.out(self.mlp(self.norm(x)))
 
 
-class ToyForActionPrediction(PreTrainedModel):
+class ToyForActionPrediction(AdapterFolderMixin, PreTrainedModel):
     """Patchified cameras (averaged), mean-pooled characters of the task and the state -> two blocks -> a linear
     regression head for the normalised action chunk; the loss is the MSE over the real (unpadded) chunk steps."""
 
@@ -305,12 +306,12 @@ def test_an_incomplete_family_fails_at_registration_in_one_line():
     other = type("Other", (Family,), declared | {"model_type": "other_toy"})
     with pytest.raises(FamilyDeclarationError, match="config_class ToyConfig has model_type 'toy_regressor'"):
         register_family(other)
-    no_lora_targets = type(
-        "NoLoraTargets",
-        (Family,),
-        declared | {"model_class": type("Bare", (PreTrainedModel,), {"config_class": ToyConfig})},
-    )
+    bare = type("Bare", (PreTrainedModel,), {"config_class": ToyConfig})
+    no_lora_targets = type("NoLoraTargets", (Family,), declared | {"model_class": bare})
     with pytest.raises(FamilyDeclarationError, match=r"supports lora but Bare has no lora_target_modules\(\)"):
+        register_family(no_lora_targets)
+    bare.lora_target_modules = ToyForActionPrediction.lora_target_modules
+    with pytest.raises(FamilyDeclarationError, match="supports lora but Bare does not inherit .*AdapterFolderMixin"):
         register_family(no_lora_targets)
     taken = type("Taken", (Family,), declared)
     with pytest.raises(FamilyDeclarationError, match="already registered by test_family_contract.ToyFamily"):

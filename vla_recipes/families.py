@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from transformers import AutoProcessor, PretrainedConfig, PreTrainedModel
 
+from vla_recipes.models.adapters import AdapterFolderMixin
+
 if TYPE_CHECKING:
     from vla_recipes.configs import DataArguments, ModelArguments, RecipeError
     from vla_recipes.data.frame_cache import FrameResize
@@ -203,6 +205,11 @@ def register_family[F: (Family, type[Family])](family: F) -> F:
         raise FamilyDeclarationError(
             f"family {name!r} supports {'/'.join(adapters)} but {family.model_class.__name__} has no "
             "lora_target_modules() (the default LoRA targets)"
+        )
+    if adapters and not issubclass(family.model_class, AdapterFolderMixin):
+        raise FamilyDeclarationError(
+            f"family {name!r} supports {'/'.join(adapters)} but {family.model_class.__name__} does not inherit "
+            "vla_recipes.models.adapters.AdapterFolderMixin (from_pretrained of an adapter folder)"
         )
     if not family.fsdp_blocks or isinstance(family.fsdp_blocks, str):
         raise FamilyDeclarationError(f"family {name!r}: fsdp_blocks must be a non-empty tuple of module class names")
