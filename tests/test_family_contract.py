@@ -394,6 +394,8 @@ def test_toy_family_lora_folder_reloads_and_resume_equals_uninterrupted(tmp_path
 
     from safetensors.torch import load_file
 
+    from vla_recipes.checkpointing import is_complete
+
     steps = {"max_steps": 10, "logging_steps": 1, "save_strategy": "steps", "save_steps": 5, "eval_strategy": "no"}
     lora = dict(steps, finetune_mode="lora", merge_adapters=True, eval_episodes=None)
     killed_out = tmp_path / "killed" / "out"
@@ -404,7 +406,7 @@ def test_toy_family_lora_folder_reloads_and_resume_equals_uninterrupted(tmp_path
             pool.submit(
                 sft,
                 toy_recipe(tmp_path / "killed", dataset_root, **steps, eval_episodes=None),
-                until=lambda: (killed_out / "checkpoint-5").exists(),
+                until=lambda: is_complete(killed_out / "checkpoint-5"),
             ),
         ]
         lora_run, reference, killed = (r.result() for r in runs)
