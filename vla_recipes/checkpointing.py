@@ -9,6 +9,7 @@ folder, and unmarked ones are deleted before the next save.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -111,11 +112,12 @@ SCHEDULE_KEYS = (
 
 
 def run_recipe(model_args, data_args, training_args, model_type: str) -> dict:
-    """The flat recipe a checkpoint records: every argument, the model's family and the number of processes."""
+    """The flat recipe a checkpoint and the output folder record (``recipe.json``): every argument of the three
+    groups (model, data, training; no two share a name), the model's family and the number of processes."""
     return {
         **training_args.to_dict(),
-        **vars(model_args),
-        **vars(data_args),
+        **dataclasses.asdict(model_args),
+        **dataclasses.asdict(data_args),
         "model_type": model_type,
         "world_size": training_args.world_size,
     }
