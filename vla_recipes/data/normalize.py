@@ -19,11 +19,13 @@ Modes (formulas from the reference implementations):
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 import torch
 
-from vla_recipes.configs import NORM_MODES  # the modes a recipe may name, implemented here
-
+NormMode = Literal["bounds_q99", "quantiles", "mean_std", "min_max", "identity"]
+NORM_MODES: tuple[str, ...] = get_args(NormMode)
 EPS = 1e-8
 
 # Which statistics each mode reads; used to fail early when a dataset lacks them.
