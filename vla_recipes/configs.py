@@ -236,8 +236,6 @@ class DataArguments:
 
     def __post_init__(self) -> None:
         if self.datasets is not None:
-            from vla_recipes.data.mixture import check_mixture_recipe
-
             check_mixture_recipe(self)
         elif self.dataset_repo_id is None:
             raise RecipeError(
@@ -257,6 +255,42 @@ class DataArguments:
             raise RecipeError("tasks is empty: list the tasks to train on, or drop the key for every task")
         if self.norm_mode is not None and self.norm_mode not in NORM_MODES:
             raise RecipeError(f"norm_mode={self.norm_mode!r} is not one of {', '.join(NORM_MODES)}")
+
+
+# The keys a mixture entry may set; all other data keys are shared by the entries.
+ENTRY_KEYS = (
+    "dataset_repo_id", "dataset_root", "dataset_revision", "camera_keys", "state_key", "action_key", "state_indices",
+    "train_episodes", "eval_episodes", "tasks",
+)  # fmt: skip
+
+
+def check_mixture_recipe(data_args: DataArguments) -> None:
+    """The recipe-level checks of ``datasets`` (no dataset is read): one line naming the entry and the key."""
+    if data_args.dataset_repo_id is not None:
+        raise RecipeError("give either dataset_repo_id (one dataset) or datasets (a mixture), not both")
+    if not data_args.datasets:
+        raise RecipeError("datasets is empty: list the mixture's entries, or give dataset_repo_id for one dataset")
+    seen: set[str] = set()
+    for i, entry in enumerate(data_args.datasets):
+        if not isinstance(entry, dict) or not entry.get("dataset_repo_id"):
+            raise RecipeError(f"datasets[{i}] needs a dataset_repo_id (a mapping: dataset_repo_id, weight, ...)")
+        if unknown := sorted(set(entry) - {*ENTRY_KEYS, "name", "weight"}):
+            raise RecipeError(
+                f"datasets[{i}] ({entry['dataset_repo_id']}): {', '.join(unknown)} cannot be set per dataset; an entry "
+                f"takes name, weight, {', '.join(ENTRY_KEYS)} (other keys are the recipe's, shared)"
+            )
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+            raise RecipeError(
+                f"datasets[{i}] ({entry['dataset_repo_id']}): weight must be a number > 0, got {weight!r}"
+            )
+        name = str(entry.get("name", entry["dataset_repo_id"]))
+        if name in seen:
+            raise RecipeError(
+                f"datasets[{i}]: the name {name!r} is taken by an earlier entry; give each entry its own name "
+                "(its statistics are saved under it)"
+            )
+        seen.add(name)
 
 
 @dataclass
@@ -375,21 +409,17 @@ def parse_episodes(spec: Sequence[str | int] | str | None, what: str = "episode 
 RECIPE_DATACLASSES = (ModelArguments, DataArguments, VLATrainingArguments)
 
 
+def _key_hint(name: str, close: list[str]) -> str:
+    if name in RENAMED_KEYS:
+        return f" (renamed {RENAMED_KEYS[name]!r}, TRL's ModelConfig name)"
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _unknown_key_error(unknown: list[str], source: str) -> RecipeError:
     names = [s[2:] for s in unknown if s.startswith("--")] or unknown
     known = [f.name for cls in RECIPE_DATACLASSES for f in fields(cls)]
     hints = {n: difflib.get_close_matches(n.replace("-", "_"), known, n=1) for n in names}
-    described = ", ".join(
-        f"{n!r}"
-        + (
-            f" (renamed {RENAMED_KEYS[n]!r}, TRL's ModelConfig name)"
-            if n in RENAMED_KEYS
-            else f" (did you mean {h[0]!r}?)"
-            if h
-            else ""
-        )
-        for n, h in hints.items()
-    )
+    described = ", ".join(f"{n!r}{_key_hint(n, h)}" for n, h in hints.items())
     return RecipeError(f"unknown recipe key in {source}: {described}")
 
 
