@@ -85,6 +85,9 @@ def test_finetune_takes_peft_and_bitsandbytes_configs_as_recipe_keys(tmp_path, m
     assert model_args.lora_init_weights == "gaussian" and model_args.use_peft and model_args.load_in_4bit
     assert data_args.dataset_repo_id == "me/data" and training_args.output_dir == str(tmp_path)
 
+    full, *_ = pipeline.finetune(model_args, "me/data", {"output_dir": str(tmp_path)}, finetune_mode="full")
+    assert (full.finetune_mode, full.use_peft, full.load_in_4bit, full.lora_r) == ("full", False, False, 8)
+
 
 def test_finetune_refuses_what_the_recipe_cannot_express(tmp_path):
     """A PEFT or bitsandbytes setting the recipe has no key for fails naming it, before anything is read."""

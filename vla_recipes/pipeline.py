@@ -77,12 +77,17 @@ def finetune(
     ``peft_config`` (a ``peft.LoraConfig``) makes it LoRA, with ``quantization_config`` (4-bit
     ``BitsAndBytesConfig``) QLoRA: their values become the recipe's keys, so ``recipe.json`` and resume see them.
     """
-    model_args = model if isinstance(model, ModelArguments) else ModelArguments(**_model_source(model), **model_kwargs)
-    model_args = dataclasses.replace(model_args, **_adapter_fields(peft_config, quantization_config))
+    fields = model_kwargs | _adapter_fields(peft_config, quantization_config)
+    if "finetune_mode" in fields:  # the mode decides TRL's use_peft / load_in_4bit, derived from it
+        fields = {"use_peft": False, "load_in_4bit": False} | fields
+    base = dataclasses.asdict(model) if isinstance(model, ModelArguments) else _model_source(model)
+    model_args = ModelArguments(**(base | fields))
     if isinstance(dataset, DataArguments):
         data_args = dataset
+    elif isinstance(dataset, list):
+        data_args = DataArguments(datasets=dataset)
     else:
-        data_args = DataArguments(datasets=dataset) if isinstance(dataset, list) else DataArguments(dataset)
+        data_args = DataArguments(dataset_repo_id=dataset)
     training_args = args if isinstance(args, VLATrainingArguments) else VLATrainingArguments(**(args or {}))
     return run(model_args, data_args, training_args)
 
