@@ -9,7 +9,6 @@ folder, and unmarked ones are deleted before the next save.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -116,8 +115,8 @@ def run_recipe(model_args, data_args, training_args, model_type: str) -> dict:
     groups (model, data, training; no two share a name), the model's family and the number of processes."""
     return {
         **training_args.to_dict(),
-        **dataclasses.asdict(model_args),
-        **dataclasses.asdict(data_args),
+        **vars(model_args),
+        **vars(data_args),
         "model_type": model_type,
         "world_size": training_args.world_size,
     }
