@@ -348,6 +348,7 @@ def test_serve_script_binds_localhost_serves_and_stops_on_sigterm(models, tmp_pa
     assert "shutting down" in (tmp_path / "server.log").read_text()
 
     from vla_recipes.cli import serve  # what recipes/serve.py runs
+
     for args, message in [
         (["--key_map", "images/top=observation.images.top"], r"--key_map maps to \['observation.images.top'\], which"),
         (["--key_map", "images/top"], "--key_map item 'images/top' is not client_key=model_key"),
@@ -385,6 +386,7 @@ def test_serves_a_lora_output_folder(models, tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config))
 
     from vla_recipes.cli import serve  # what recipes/serve.py runs
+
     obs = observation(11)
     with running(serve.build_server(serve.parse_args(["--model", str(folder), "--port", "0"]))) as server:
         served_actions = WebsocketClientPolicy("127.0.0.1", server.port).infer(obs)["actions"]
