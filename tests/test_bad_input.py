@@ -32,7 +32,7 @@ def tripwire(sft, monkeypatch, tmp_path):
     def load_model(*args, **kwargs):
         raise AssertionError("load_model was reached: the check did not fire before the weights load")
 
-    monkeypatch.setattr(sft, "load_model", load_model)
+    monkeypatch.setattr("vla_recipes.pipeline.load_model", load_model)
     monkeypatch.setenv("VLA_RECIPES_CACHE", str(tmp_path / "cache"))
 
 
@@ -297,7 +297,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sft, tmp_path, datase
         model.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(sft, "load_model", nan_from_step_3)
+    monkeypatch.setattr("vla_recipes.pipeline.load_model", nan_from_step_3)
     recipe = recipe_file(tmp_path, dataset_root, save_strategy="steps", save_steps=2, max_steps=6, eval_strategy="no")
     with pytest.raises(NonFiniteError) as error:
         sft.main(["--config", str(recipe)])
@@ -309,7 +309,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sft, tmp_path, datase
     assert not (out / "model.safetensors").exists() and not (out / "README.md").exists()
 
 
-def test_adapter_on_the_wrong_base_model(sft, tmp_path, dataset_root):
+def test_adapter_on_the_wrong_base_model(sft, tmp_path, dataset_root, monkeypatch):
     """A LoRA folder whose adapter_config.json names a base of other sizes, or of another architecture: one line,
     from AutoModel.from_pretrained and from sft.py (where it becomes a RecipeError)."""
     from peft import LoraConfig, get_peft_model
@@ -345,7 +345,7 @@ def test_adapter_on_the_wrong_base_model(sft, tmp_path, dataset_root):
             AutoModel.from_pretrained(adapter)
         assert what in str(error.value) and "set base_model_name_or_path in adapter_config.json" in str(error.value)
 
-    sft.load_model = vla_recipes.finetuning.load_model  # the real one (the tripwire fixture restores it)
+    monkeypatch.setattr("vla_recipes.pipeline.load_model", vla_recipes.finetuning.load_model)  # the real one
     recipe = recipe_file(tmp_path, dataset_root, model_config=None, model_name_or_path=str(adapter))
     before = snapshot(adapter, tmp_path / "pi05")
     with pytest.raises(RecipeError, match="model_name_or_path: the adapter in .* does not fit its base model"):

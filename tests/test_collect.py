@@ -56,8 +56,9 @@ def test_collector_frames_equal_the_rollout_envs(collected, capsys):
     assert dataset[0]["task"] == record["task_description"] == "Reach a goal position"
 
     # The env recipes/rollout.py builds, with eval_policy's observation processing, replayed from the same seed.
-    rollout = load_script("rollout")
-    env_cfg = rollout.env_config("metaworld_sized", json.dumps(record["env_kwargs"]))
+    from vla_recipes.closed_loop import env_config
+
+    env_cfg = env_config("metaworld_sized", json.dumps(record["env_kwargs"]))
     vector_env = make_env(env_cfg, n_envs=1)[TASK][0]
     preprocessor, _ = make_env_pre_post_processors(env_cfg, None)
     raw, _ = vector_env.reset(seed=record["seeds"])

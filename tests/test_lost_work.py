@@ -231,7 +231,7 @@ def test_resume_allow_changes_continues_with_a_warning(tmp_path, dataset_root, t
 def test_resume_of_another_model_size_fails_before_the_weights_load(tmp_path, dataset_root, three_steps, monkeypatch):
     bigger = json.loads(json.dumps(DEMOS["openvla"]["model_config"]))
     bigger["text_config"]["hidden_size"] = 128
-    monkeypatch.setattr(SFT, "load_model", lambda *a: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr("vla_recipes.pipeline.load_model", lambda *a: pytest.fail("the weights were loaded"))
     with pytest.raises(RecipeError) as error:  # before: a size-mismatch traceback from load_state_dict
         train(tmp_path, dataset_root, three_steps, "--resume_from_checkpoint", "true", model_config=bigger)
     assert "is a checkpoint of another model (model_config {" in one_line(error)

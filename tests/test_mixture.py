@@ -169,7 +169,7 @@ def test_mixture_entries_that_do_not_fit_fail_before_the_weights(
 ):
     monkeypatch.setenv("VLA_RECIPES_CACHE", str(tmp_path / "cache"))
     sft = load_script("sft")
-    monkeypatch.setattr(sft, "load_model", lambda *a, **k: pytest.fail("the weights loaded"))
+    monkeypatch.setattr("vla_recipes.pipeline.load_model", lambda *a, **k: pytest.fail("the weights loaded"))
     path = recipe(tmp_path, dataset_root, two_camera_root)
     values = yaml.safe_load(Path(path).read_text())
     values["datasets"][1] |= change

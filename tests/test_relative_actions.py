@@ -151,7 +151,7 @@ def test_trained_on_relative_actions_predicts_absolute_ones(tmp_path, dataset_ro
     openvla = {**DEMOS["openvla"], **{k: recipe[k] for k in ("dataset_root", "train_episodes", "eval_episodes")}}
     openvla |= {"relative_actions": True, "output_dir": str(tmp_path / "openvla")}
     path.write_text(yaml.safe_dump(openvla))
-    monkeypatch.setattr(sft, "load_model", lambda *a, **k: pytest.fail("the weights loaded"))
+    monkeypatch.setattr("vla_recipes.pipeline.load_model", lambda *a, **k: pytest.fail("the weights loaded"))
     with pytest.raises(RecipeError, match="relative_actions: OpenVLA sees no robot state"):
         sft.main(["--config", str(path)])
 
@@ -170,7 +170,7 @@ def test_trained_on_relative_actions_predicts_absolute_ones(tmp_path, dataset_ro
 def test_sft_refuses_bad_relative_settings_before_the_weights(tmp_path, dataset_root, monkeypatch, overrides, message):
     sft = load_script("sft")
     monkeypatch.setenv("VLA_RECIPES_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(sft, "load_model", lambda *a, **k: pytest.fail("the weights loaded"))
+    monkeypatch.setattr("vla_recipes.pipeline.load_model", lambda *a, **k: pytest.fail("the weights loaded"))
     values = {**DEMOS["pi05"], "dataset_root": dataset_root, "camera_keys": ["observation.images.image"]}
     values |= {"train_episodes": ["0:5"], "eval_episodes": None, "action_horizon": HORIZON, "relative_actions": True}
     path = tmp_path / "recipe.yaml"

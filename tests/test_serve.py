@@ -27,7 +27,7 @@ import psutil
 import pytest
 import torch
 import websockets
-from cli import DEMOS, ROOT, free_port, load_script, started
+from cli import DEMOS, ROOT, free_port, started
 from websockets.sync.client import connect
 
 from vla_recipes.configs import RecipeError
@@ -347,7 +347,8 @@ def test_serve_script_binds_localhost_serves_and_stops_on_sigterm(models, tmp_pa
     np.testing.assert_allclose(result["actions"], in_process(models["pi05"], [observation(0)], [3])[0], rtol=1e-5)
     assert "shutting down" in (tmp_path / "server.log").read_text()
 
-    serve = load_script("serve")
+    from vla_recipes.cli import serve  # what recipes/serve.py runs
+
     for args, message in [
         (["--key_map", "images/top=observation.images.top"], r"--key_map maps to \['observation.images.top'\], which"),
         (["--key_map", "images/top"], "--key_map item 'images/top' is not client_key=model_key"),
@@ -384,7 +385,8 @@ def test_serves_a_lora_output_folder(models, tmp_path):
     adapter_config["base_model_name_or_path"] = str(models["openvla"])  # built here, not loaded: PEFT left it empty
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config))
 
-    serve = load_script("serve")
+    from vla_recipes.cli import serve  # what recipes/serve.py runs
+
     obs = observation(11)
     with running(serve.build_server(serve.parse_args(["--model", str(folder), "--port", "0"]))) as server:
         served_actions = WebsocketClientPolicy("127.0.0.1", server.port).infer(obs)["actions"]

@@ -111,7 +111,8 @@ SCHEDULE_KEYS = (
 
 
 def run_recipe(model_args, data_args, training_args, model_type: str) -> dict:
-    """The flat recipe a checkpoint records: every argument, the model's family and the number of processes."""
+    """The flat recipe a checkpoint and the output folder record (``recipe.json``): every argument of the three
+    groups (model, data, training; no two share a name), the model's family and the number of processes."""
     return {
         **training_args.to_dict(),
         **vars(model_args),

@@ -21,11 +21,16 @@ from typing import Literal
 
 import yaml
 from transformers import TrainingArguments
-from trl import TrlParser
-
-from vla_recipes.data.normalize import NORM_MODES
+from trl import ModelConfig, TrlParser
 
 FinetuneMode = Literal["full", "lora", "qlora", "expert_only"]
+ADAPTER_MODES = ("lora", "qlora")
+# The normalisation modes a recipe may name. data/normalize.py implements them and ships inside saved models as
+# remote code, so it cannot import this module, nor this module it (the argument layer sits below the data layer):
+# tests/test_pipeline.py checks that both name the same modes.
+NORM_MODES = ("bounds_q99", "quantiles", "mean_std", "min_max", "identity")
+# Recipe keys renamed to TRL's ModelConfig names: a recipe with the old key fails naming the new one.
+RENAMED_KEYS = {"bnb_4bit_use_double_quant": "use_bnb_nested_quant"}
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +40,30 @@ class RecipeError(ValueError):
 
 
 @dataclass
-class ModelArguments:
-    """Which model to fine-tune and how (full, LoRA, QLoRA, pi0.5 expert-only)."""
+class ModelArguments(ModelConfig):
+    """Which model to fine-tune and how (full, LoRA, QLoRA, pi0.5 expert-only).
+
+    TRL's ``ModelConfig`` with the fields a VLA recipe adds (``model_config``, ``finetune_mode``, ...) and the
+    defaults OpenVLA's fine-tuning uses. ``finetune_mode`` is the one switch: it sets TRL's ``use_peft`` and
+    ``load_in_4bit`` (``use_peft: true`` alone means LoRA, with ``load_in_4bit: true`` QLoRA), so that
+    ``trl.get_peft_config`` / ``trl.get_quantization_config`` build the PEFT and bitsandbytes configs.
+    """
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Pretrained model: Hub id or local folder (e.g. openvla/openvla-7b)."}
+    )
+    dtype: str | None = field(
+        default=None, metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto; default: the model's."}
+    )
+    lora_r: int = field(default=32, metadata={"help": "LoRA rank (OpenVLA: 32)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (OpenVLA: min(r, 16))."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names or 'all-linear'; default: the model's own choice (every used linear)."},
+    )
+    lora_task_type: str | None = field(
+        default=None, metadata={"help": "PEFT task type; none: a plain PeftModel (a VLA is no causal LM head)."}
     )
     model_type: str | None = field(
         default=None,
@@ -58,29 +82,18 @@ class ModelArguments:
         default=None,
         metadata={"help": "Tokenizer for a `model_config` model; default: a local character-level tokenizer."},
     )
-    dtype: str | None = field(default=None, metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa or flash_attention_2."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code from the model repo (off by default)."})
     finetune_mode: FinetuneMode = field(default="full", metadata={"help": "full, lora, qlora or expert_only (pi0.5)."})
-    lora_r: int = field(default=32, metadata={"help": "LoRA rank (OpenVLA: 32)."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (OpenVLA: min(r, 16))."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(
-        default=None,
-        metadata={"help": "Module names or 'all-linear'; default: the model's own choice (every used linear)."},
-    )
     lora_init_weights: str = field(default="gaussian", metadata={"help": "PEFT init_lora_weights (OpenVLA: gaussian)."})
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4."})
-    bnb_4bit_use_double_quant: bool = field(default=False, metadata={"help": "QLoRA nested quantisation."})
-    bnb_4bit_quant_storage: str | None = field(
-        default=None,
-        metadata={"help": "QLoRA: dtype holding the packed 4-bit weights (default uint8); FSDP / ZeRO-3 need dtype's."},
-    )
     merge_adapters: bool = field(
         default=False, metadata={"help": "LoRA/QLoRA: also write the merged model to <output_dir>/merged."}
     )
 
     def __post_init__(self) -> None:
+        targets = self.lora_target_modules
+        super().__post_init__()
+        self.lora_target_modules = targets  # TRL makes a one-item list a string, which PEFT reads as a regex
+        self._sync_finetune_mode()
         if isinstance(self.model_config, str):
             try:
                 self.model_config = json.loads(self.model_config)
@@ -94,6 +107,20 @@ class ModelArguments:
             raise RecipeError(
                 f"model_type: {self.model_type!r} but model_config has model_type {self.model_config['model_type']!r}"
             )
+
+    def _sync_finetune_mode(self) -> None:
+        """``finetune_mode`` and TRL's ``use_peft`` / ``load_in_4bit`` say one thing: TRL's switches alone pick
+        LoRA or QLoRA, and a contradiction fails naming both keys."""
+        if self.load_in_8bit:
+            raise RecipeError("load_in_8bit is not supported: use finetune_mode: qlora (4-bit) or lora")
+        if self.finetune_mode == "full" and (self.use_peft or self.load_in_4bit):
+            self.finetune_mode = "qlora" if self.load_in_4bit else "lora"
+        if self.load_in_4bit and self.finetune_mode != "qlora":
+            raise RecipeError(f"load_in_4bit: true needs finetune_mode: qlora, not {self.finetune_mode!r}")
+        if self.use_peft and self.finetune_mode not in ADAPTER_MODES:
+            raise RecipeError(f"use_peft: true needs finetune_mode: lora or qlora, not {self.finetune_mode!r}")
+        self.use_peft = self.finetune_mode in ADAPTER_MODES
+        self.load_in_4bit = self.finetune_mode == "qlora"
 
 
 @dataclass
@@ -209,8 +236,6 @@ class DataArguments:
 
     def __post_init__(self) -> None:
         if self.datasets is not None:
-            from vla_recipes.data.mixture import check_mixture_recipe
-
             check_mixture_recipe(self)
         elif self.dataset_repo_id is None:
             raise RecipeError(
@@ -230,6 +255,42 @@ class DataArguments:
             raise RecipeError("tasks is empty: list the tasks to train on, or drop the key for every task")
         if self.norm_mode is not None and self.norm_mode not in NORM_MODES:
             raise RecipeError(f"norm_mode={self.norm_mode!r} is not one of {', '.join(NORM_MODES)}")
+
+
+# The keys a mixture entry may set; all other data keys are shared by the entries.
+ENTRY_KEYS = (
+    "dataset_repo_id", "dataset_root", "dataset_revision", "camera_keys", "state_key", "action_key", "state_indices",
+    "train_episodes", "eval_episodes", "tasks",
+)  # fmt: skip
+
+
+def check_mixture_recipe(data_args: DataArguments) -> None:
+    """The recipe-level checks of ``datasets`` (no dataset is read): one line naming the entry and the key."""
+    if data_args.dataset_repo_id is not None:
+        raise RecipeError("give either dataset_repo_id (one dataset) or datasets (a mixture), not both")
+    if not data_args.datasets:
+        raise RecipeError("datasets is empty: list the mixture's entries, or give dataset_repo_id for one dataset")
+    seen: set[str] = set()
+    for i, entry in enumerate(data_args.datasets):
+        if not isinstance(entry, dict) or not entry.get("dataset_repo_id"):
+            raise RecipeError(f"datasets[{i}] needs a dataset_repo_id (a mapping: dataset_repo_id, weight, ...)")
+        if unknown := sorted(set(entry) - {*ENTRY_KEYS, "name", "weight"}):
+            raise RecipeError(
+                f"datasets[{i}] ({entry['dataset_repo_id']}): {', '.join(unknown)} cannot be set per dataset; an entry "
+                f"takes name, weight, {', '.join(ENTRY_KEYS)} (other keys are the recipe's, shared)"
+            )
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+            raise RecipeError(
+                f"datasets[{i}] ({entry['dataset_repo_id']}): weight must be a number > 0, got {weight!r}"
+            )
+        name = str(entry.get("name", entry["dataset_repo_id"]))
+        if name in seen:
+            raise RecipeError(
+                f"datasets[{i}]: the name {name!r} is taken by an earlier entry; give each entry its own name "
+                "(its statistics are saved under it)"
+            )
+        seen.add(name)
 
 
 @dataclass
@@ -348,11 +409,17 @@ def parse_episodes(spec: Sequence[str | int] | str | None, what: str = "episode 
 RECIPE_DATACLASSES = (ModelArguments, DataArguments, VLATrainingArguments)
 
 
+def _key_hint(name: str, close: list[str]) -> str:
+    if name in RENAMED_KEYS:
+        return f" (renamed {RENAMED_KEYS[name]!r}, TRL's ModelConfig name)"
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _unknown_key_error(unknown: list[str], source: str) -> RecipeError:
     names = [s[2:] for s in unknown if s.startswith("--")] or unknown
     known = [f.name for cls in RECIPE_DATACLASSES for f in fields(cls)]
     hints = {n: difflib.get_close_matches(n.replace("-", "_"), known, n=1) for n in names}
-    described = ", ".join(f"{n!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for n, h in hints.items())
+    described = ", ".join(f"{n!r}{_key_hint(n, h)}" for n, h in hints.items())
     return RecipeError(f"unknown recipe key in {source}: {described}")
 
 

@@ -1,15 +1,17 @@
 """How good is a fine-tuned policy: open loop on held-out episodes, closed loop in a LeRobot gym env.
 
-- **Open loop** (``recipes/evaluate.py``): every frame of some recorded episodes goes through the batched
-  ``predict_action`` a user calls; the predicted chunks are compared with the recorded actions in the dataset's
-  units with the local ``evaluate`` metric modules of :mod:`vla_recipes.metrics` (L1 / MSE per dimension and per
-  chunk step, OpenVLA's action-token accuracy), and a few episodes are plotted.
-- **Closed loop** (``recipes/rollout.py``): :class:`ChunkedPolicy` makes the model a LeRobot policy, so LeRobot's
-  own ``eval_policy`` loop runs it in environments built by ``lerobot.envs`` (success rate, rewards, videos).
+- **Open loop** (:func:`evaluate_open_loop`, ``recipes/evaluate.py``): every frame of some recorded episodes goes
+  through the batched ``predict_action`` a user calls; the predicted chunks are compared with the recorded actions
+  in the dataset's units with the local ``evaluate`` metric modules of :mod:`vla_recipes.metrics` (L1 / MSE per
+  dimension and per chunk step, OpenVLA's action-token accuracy), and a few episodes are plotted.
+- **Closed loop** (:mod:`vla_recipes.closed_loop`, ``recipes/rollout.py``): :class:`ChunkedPolicy` makes the model
+  a LeRobot policy, so LeRobot's own ``eval_policy`` loop runs it in environments built by ``lerobot.envs`` (success
+  rate, rewards, videos).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -21,15 +23,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vla_recipes.configs import RecipeError
+from vla_recipes.configs import DataArguments, RecipeError
+from vla_recipes.data.frame_cache import frame_resize_for
+from vla_recipes.data.lerobot import VLADataset, check_episodes, load_metadata
 from vla_recipes.data.normalize import normalize, select_stats
+from vla_recipes.data.state_selection import feature_dim
 from vla_recipes.families import get_family
+from vla_recipes.hub import add_card_results
 from vla_recipes.metrics import METRICS
 
 logger = logging.getLogger(__name__)
 
 OPEN_LOOP_TASK = "open-loop action prediction"
 CLOSED_LOOP_TASK = "closed-loop rollout"
+OPEN_LOOP_PREFIX = "open_loop_"  # the keys of eval_results.json an open-loop evaluation writes
 
 
 @dataclass
@@ -60,6 +67,112 @@ def update_eval_results(folder: Path, prefix: str, results: dict) -> Path:
 
 def _on_device(inputs, device: torch.device):
     return inputs.to(device) if hasattr(inputs, "to") else {k: v.to(device) for k, v in inputs.items()}
+
+
+def saved_config(model: str):
+    """A saved model's config (cheap: no weights), or one line when ``model`` is neither a folder here nor a model
+    the Hub gives."""
+    from transformers import AutoConfig
+
+    if Path(model).exists() and not Path(model).is_dir():
+        raise RecipeError(f"--model {model!r} is a file; give the output folder of a run (or a Hub id)")
+    try:
+        return AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        from huggingface_hub import constants
+
+        offline = constants.HF_HUB_OFFLINE
+        why = "HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: no such repo, or no network"
+        raise RecipeError(
+            f"--model {model!r} is not a folder here, and not a model the Hub gives ({why}); give a run's output "
+            "folder or a Hub model id"
+        ) from None
+
+
+def check_model_fits_dataset(config, meta, data_args: DataArguments) -> None:
+    """The model's cameras, action and state dims must be the dataset's: otherwise every frame would be predicted
+    before the comparison fails (or, for the state, the model would read other dims than it was trained on)."""
+    missing = [k for k in config.camera_keys if k not in meta.camera_keys]
+    if missing:
+        cameras = meta.camera_keys
+        raise RecipeError(f"the model's camera_keys {missing} are not cameras of the dataset; it has {cameras}")
+    action_dim = feature_dim(meta, data_args.action_key)
+    if action_dim != config.action_dim:
+        raise RecipeError(
+            f"the dataset's {data_args.action_key!r} has {action_dim} dims but the model predicts {config.action_dim}: "
+            "evaluate on the dataset the model was trained on (or one with its action space), or set action_key"
+        )
+    state_dim, key = getattr(config, "state_dim", None), data_args.state_key
+    if state_dim is not None and key is not None:
+        have, indices = feature_dim(meta, key), getattr(config, "state_indices", None)
+        if not (max(indices) < have if indices else have == state_dim):
+            raise RecipeError(
+                f"the dataset's {key!r} has {have} dims, not the state the model was trained on ({state_dim} dims"
+                f"{f', indices up to {max(indices)}' if indices else ''}): evaluate on a dataset with the model's "
+                "state, or set state_key"
+            )
+
+
+@dataclass
+class OpenLoopReport:
+    """An open-loop evaluation's metrics (:func:`open_loop_metrics`), the files it wrote and the model's config."""
+
+    results: dict
+    results_path: Path
+    plots: list[Path]
+    config: object
+
+
+def evaluate_open_loop(
+    model: str,
+    data_args: DataArguments,
+    episodes: list[int],
+    output_dir: str | Path | None = None,
+    *,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    plot_episodes_count: int = 3,
+    plot_dims: int = 8,
+    device: str = "cpu",
+    episodes_key: str = "episodes",
+) -> OpenLoopReport:
+    """Evaluate a saved model (folder or Hub id) open loop on ``episodes`` of ``data_args``' dataset.
+
+    Checked before any weight loads: the model exists, the episodes exist, its cameras / action / state fit the
+    dataset (``episodes_key`` names the episodes in the error). Whole predicted chunks are compared, with the
+    state dims the model was trained on. Writes ``open_loop_*`` keys into ``<output_dir>/eval_results.json``
+    (default: the model's folder, or ``outputs/eval/<name>``), plots and the model card's results.
+    """
+    from transformers import AutoModel, AutoProcessor
+
+    if not episodes:
+        raise RecipeError("no episodes to evaluate: pass --episodes (e.g. 40:50) or set eval_episodes in the recipe")
+    config = saved_config(model)
+    meta = load_metadata(data_args)
+    check_episodes(meta, episodes_key, episodes)
+    check_model_fits_dataset(config, meta, data_args)
+    out = Path(output_dir) if output_dir else default_output_dir(model)
+
+    policy = AutoModel.from_pretrained(model, config=config).to(device).eval()
+    processor = AutoProcessor.from_pretrained(model)
+    sample_args = dataclasses.replace(  # the chunk the model predicts, the state dims it saw
+        data_args,
+        action_horizon=policy.config.action_horizon,
+        state_indices=getattr(policy.config, "state_indices", data_args.state_indices),
+    )
+    dataset = VLADataset(
+        meta, sample_args, list(policy.config.camera_keys), episodes, frame_resize=frame_resize_for(policy.config)
+    )
+    predictions = predict_open_loop(policy, processor, dataset, batch_size, num_workers)
+    results = open_loop_metrics(policy, processor, predictions)
+    dims = list(range(min(plot_dims, predictions.predicted.shape[-1])))
+    plots = plot_episodes(predictions, out / "plots", results["episodes"][:plot_episodes_count], dims)
+    path = update_eval_results(out, OPEN_LOOP_PREFIX, results)
+    scalars = {OPEN_LOOP_PREFIX + k: v for k, v in results.items() if isinstance(v, float)}
+    add_card_results(
+        out, scalars, task=OPEN_LOOP_TASK, dataset=data_args.dataset_repo_id, section="Open-loop evaluation"
+    )
+    return OpenLoopReport(results, path, plots, policy.config)
 
 
 @torch.no_grad()

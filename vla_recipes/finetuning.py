@@ -8,6 +8,7 @@ quantises openvla/openvla-7b).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -16,11 +17,10 @@ import torch
 from transformers import CONFIG_MAPPING, AutoConfig, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 from transformers.utils import CONFIG_NAME, cached_file
 
-from vla_recipes.configs import ModelArguments, RecipeError
+from vla_recipes.configs import ADAPTER_MODES, ModelArguments, RecipeError
 from vla_recipes.families import families, lerobot_policy_types
 from vla_recipes.models.adapters import AdapterBaseMismatchError
 
-ADAPTER_MODES = ("lora", "qlora")
 
 
 def load_config(model_args: ModelArguments) -> PretrainedConfig:
@@ -41,13 +41,14 @@ def load_config(model_args: ModelArguments) -> PretrainedConfig:
             message = " ".join(str(e).split()).removeprefix(f"{name}: ")
             raise RecipeError(f"model_config: {name}: {message}") from None
     path = model_args.model_name_or_path
-    config_file = cached_file(path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False)
+    revision = model_args.model_revision
+    config_file = cached_file(path, CONFIG_NAME, revision=revision, _raise_exceptions_for_missing_entries=False)
     if config_file is None:
         raise RecipeError(f"model_name_or_path={path!r} has no {CONFIG_NAME}: not a model folder or Hub model id")
     raw = json.loads(Path(config_file).read_text())
     if "model_type" not in raw and raw.get("type") in (lerobot_types := lerobot_policy_types()):
-        return lerobot_types[raw["type"]].from_pretrained(path)
-    return AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+        return lerobot_types[raw["type"]].from_pretrained(path, revision=revision)
+    return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=model_args.trust_remote_code)
 
 
 def check_finetune_mode(model_args: ModelArguments, supported_modes: tuple[str, ...]) -> None:
@@ -102,17 +103,14 @@ def torch_dtype(model_args: ModelArguments) -> torch.dtype | str | None:
 
 
 def quantization_config(model_args: ModelArguments) -> BitsAndBytesConfig | None:
-    """QLoRA's frozen 4-bit base (nf4 by default), computing in the recipe's dtype."""
-    if model_args.finetune_mode != "qlora":
-        return None
-    compute = torch_dtype(model_args)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=compute if isinstance(compute, torch.dtype) else torch.float32,
-        bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,
-    )
+    """QLoRA's frozen 4-bit base (nf4 by default), computing in the recipe's dtype: TRL's
+    ``get_quantization_config`` (``finetune_mode: qlora`` sets ``load_in_4bit``); ``dtype: auto`` is no compute
+    dtype, so it computes in float32 as an unset dtype does."""
+    from trl import get_quantization_config
+
+    if model_args.dtype == "auto":
+        model_args = dataclasses.replace(model_args, dtype=None)
+    return get_quantization_config(model_args)
 
 
 def kbit_device_map() -> dict[str, int] | None:
@@ -145,6 +143,7 @@ def load_model(
         return model_class.from_pretrained(
             path,
             config=config,
+            revision=model_args.model_revision,
             dtype=torch_dtype(model_args),
             quantization_config=quantization_config(model_args),
             device_map=kbit_device_map() if model_args.finetune_mode == "qlora" else None,
@@ -178,17 +177,20 @@ def apply_finetune_mode(
         model.freeze_vlm()
     if mode not in ADAPTER_MODES:
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from trl import get_peft_config
 
     if mode == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         keep_cpu_4bit_trainable(model)
-    lora = LoraConfig(
-        r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules or model.lora_target_modules(),
-        init_lora_weights=True if model_args.lora_init_weights == "true" else model_args.lora_init_weights,
-        modules_to_save=modules_to_save,
+    # TRL's LoraConfig from the recipe, with the model's own target modules by default and the family's trained
+    # heads kept beside the recipe's lora_modules_to_save; TRL has no init_lora_weights (OpenVLA's is gaussian).
+    lora = get_peft_config(
+        dataclasses.replace(
+            model_args,
+            lora_target_modules=model_args.lora_target_modules or model.lora_target_modules(),
+            lora_modules_to_save=[*(model_args.lora_modules_to_save or []), *(modules_to_save or [])] or None,
+        )
     )
-    return get_peft_model(model, lora)
+    init = True if model_args.lora_init_weights == "true" else model_args.lora_init_weights
+    return get_peft_model(model, dataclasses.replace(lora, init_lora_weights=init))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from vla_recipes.checkpointing import write_recipe
 from vla_recipes.configs import RecipeError
 from vla_recipes.data.stats import action_stats_markdown
 from vla_recipes.families import get_family
@@ -222,7 +223,8 @@ def save_for_inference(trainer, model_args) -> None:
             write_remote_code(out / "merged", merged.config.model_type)
     write_remote_code(out, model.config.model_type)  # trust_remote_code=True loads the folder without vla_recipes
     (out / "README.md").write_text(model_card(trainer, model_args))
-    (out / "recipe.json").write_text(json.dumps(trainer.args.to_dict() | vars(model_args), indent=2, default=str))
+    # every argument of the three groups (checkpointing.run_recipe), as each checkpoint records it
+    write_recipe(out, getattr(trainer, "recipe", None) or trainer.args.to_dict() | vars(model_args))
     if trainer.args.push_to_hub:
         push_output_dir(trainer)
 

@@ -25,42 +25,7 @@ import dataclasses
 import numpy as np
 from torch.utils.data import Dataset
 
-from vla_recipes.configs import DataArguments, RecipeError
-
-# The keys a mixture entry may set; all other data keys are shared by the entries.
-ENTRY_KEYS = (
-    "dataset_repo_id", "dataset_root", "dataset_revision", "camera_keys", "state_key", "action_key", "state_indices",
-    "train_episodes", "eval_episodes", "tasks",
-)  # fmt: skip
-
-
-def check_mixture_recipe(data_args: DataArguments) -> None:
-    """The recipe-level checks of ``datasets`` (no dataset is read): one line naming the entry and the key."""
-    if data_args.dataset_repo_id is not None:
-        raise RecipeError("give either dataset_repo_id (one dataset) or datasets (a mixture), not both")
-    if not data_args.datasets:
-        raise RecipeError("datasets is empty: list the mixture's entries, or give dataset_repo_id for one dataset")
-    seen: set[str] = set()
-    for i, entry in enumerate(data_args.datasets):
-        if not isinstance(entry, dict) or not entry.get("dataset_repo_id"):
-            raise RecipeError(f"datasets[{i}] needs a dataset_repo_id (a mapping: dataset_repo_id, weight, ...)")
-        if unknown := sorted(set(entry) - {*ENTRY_KEYS, "name", "weight"}):
-            raise RecipeError(
-                f"datasets[{i}] ({entry['dataset_repo_id']}): {', '.join(unknown)} cannot be set per dataset; an entry "
-                f"takes name, weight, {', '.join(ENTRY_KEYS)} (other keys are the recipe's, shared)"
-            )
-        weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
-            raise RecipeError(
-                f"datasets[{i}] ({entry['dataset_repo_id']}): weight must be a number > 0, got {weight!r}"
-            )
-        name = str(entry.get("name", entry["dataset_repo_id"]))
-        if name in seen:
-            raise RecipeError(
-                f"datasets[{i}]: the name {name!r} is taken by an earlier entry; give each entry its own name "
-                "(its statistics are saved under it)"
-            )
-        seen.add(name)
+from vla_recipes.configs import ENTRY_KEYS, DataArguments
 
 
 def entry_args(data_args: DataArguments) -> dict[str, tuple[float, DataArguments]]:
