@@ -1,8 +1,8 @@
 """Loading a model for fine-tuning and applying the recipe's mode: full, LoRA, QLoRA, expert-only.
 
 A ``model_config`` (random init) and a pretrained ``model_name_or_path`` take the same path: a
-random model is first written to ``<output_dir>/base_model`` when adapters need a base to point to,
-then everything loads through ``from_pretrained`` (so QLoRA quantises a random model exactly as it
+random model is first written to ``<output_dir>/base_model`` (by the main process) when adapters need a base to
+point to, then everything loads through ``from_pretrained`` (so QLoRA quantises a random model exactly as it
 quantises openvla/openvla-7b).
 """
 
@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import CONFIG_MAPPING, AutoConfig, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 from transformers.utils import CONFIG_NAME, cached_file
 
@@ -116,8 +117,6 @@ def quantization_config(model_args: ModelArguments) -> BitsAndBytesConfig | None
 def kbit_device_map() -> dict[str, int] | None:
     """Where a 4-bit base loads: each DDP / FSDP process on its own GPU (TRL's rule; without it every process
     would quantise onto GPU 0); nothing on the CPU, and nothing under DeepSpeed, which places the weights itself."""
-    from accelerate import PartialState
-
     from vla_recipes.distributed import strategy_from_env
 
     if not torch.cuda.is_available() or strategy_from_env().kind == "deepspeed":
@@ -137,7 +136,9 @@ def load_model(
         if model_args.finetune_mode not in ADAPTER_MODES:
             return model.to(torch_dtype(model_args)) if isinstance(torch_dtype(model_args), torch.dtype) else model
         path = str(Path(output_dir).resolve() / "base_model")
-        model.save_pretrained(path)
+        if PartialState().is_main_process:  # one writer; every rank set the same seed, so holds the same weights
+            model.save_pretrained(path)
+        PartialState().wait_for_everyone()  # the others load it below
     kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     try:
         return model_class.from_pretrained(
