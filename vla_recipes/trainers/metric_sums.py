@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 
 class MetricSums:
@@ -28,14 +29,18 @@ class MetricSums:
     def means(self, accelerator: Accelerator) -> dict[str, float]:
         """Every metric's mean over the window and the processes; starts the next window.
 
-        Every process calls it at the same log (the Trainer logs on all of them) with the same metric names.
+        Every process calls it at the same log (the Trainer logs on all of them). A metric a process did not see
+        in the window (a family may skip one for a batch without its tokens) counts zero there.
         """
-        if not self._sums:
-            return {}
         names = sorted(self._sums)
-        sums = torch.stack([self._sums[name] for name in names])
-        counts = torch.tensor([self._counts[name] for name in names], dtype=sums.dtype, device=sums.device)
+        if accelerator.num_processes > 1:  # the union of the names: one small object gather per log
+            names = sorted({name for names in gather_object([names]) for name in names})
+        if not names:
+            return {}
+        zero = torch.zeros((), device=accelerator.device)
+        sums = torch.stack([self._sums.get(name, zero).to(accelerator.device) for name in names])
+        counts = torch.tensor([self._counts.get(name, 0) for name in names], dtype=sums.dtype, device=sums.device)
         totals = accelerator.reduce(torch.cat([sums, counts]), reduction="sum").tolist()
         self._sums.clear()
         self._counts.clear()
-        return {name: totals[i] / totals[len(names) + i] for i, name in enumerate(names)}
+        return {name: totals[i] / totals[len(names) + i] for i, name in enumerate(names) if totals[len(names) + i]}
