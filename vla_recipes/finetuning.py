@@ -1,13 +1,14 @@
 """Loading a model for fine-tuning and applying the recipe's mode: full, LoRA, QLoRA, expert-only.
 
-A ``model_config`` (random init) and a pretrained ``model_name_or_path`` take the same path: a
-random model is first written to ``<output_dir>/base_model`` (by the main process) when adapters need a base to
-point to, then everything loads through ``from_pretrained`` (so QLoRA quantises a random model exactly as it
-quantises openvla/openvla-7b).
+A ``model_config`` (random init) and a pretrained ``model_name_or_path`` take the same path: a random model is
+first written to ``<output_dir>/base_model`` (by the main process) when adapters need a base to point to, then
+everything loads through ``from_pretrained`` (so QLoRA quantises a random model exactly as it quantises
+openvla/openvla-7b). A Hub model is downloaded by the main process before the other ranks read it from the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, BitsAndBytesConfig, Pretrai
 from transformers.utils import CONFIG_NAME, cached_file
 
 from vla_recipes.configs import ModelArguments, RecipeError
+from vla_recipes.main_process import main_process_first
 from vla_recipes.models.adapters import AdapterBaseMismatchError
 from vla_recipes.models.pi05 import Pi05Config
 
@@ -136,20 +138,24 @@ def load_model(
         if model_args.finetune_mode not in ADAPTER_MODES:
             return model.to(torch_dtype(model_args)) if isinstance(torch_dtype(model_args), torch.dtype) else model
         path = str(Path(output_dir).resolve() / "base_model")
-        if PartialState().is_main_process:  # one writer; every rank set the same seed, so holds the same weights
-            model.save_pretrained(path)
-        PartialState().wait_for_everyone()  # the others load it below
+        with main_process_first():  # one writer (every rank set the same seed: same weights); the others load it
+            if PartialState().is_main_process:
+                model.save_pretrained(path)
     kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    # A Hub model is downloaded by the main process first, then read from the cache by the others (one download,
+    # not one per rank: the Hub rate-limits).
+    order = main_process_first() if not Path(path).is_dir() else contextlib.nullcontext()
     try:
-        return model_class.from_pretrained(
-            path,
-            config=config,
-            dtype=torch_dtype(model_args),
-            quantization_config=quantization_config(model_args),
-            device_map=kbit_device_map() if model_args.finetune_mode == "qlora" else None,
-            trust_remote_code=model_args.trust_remote_code,
-            **kwargs,
-        )
+        with order:
+            return model_class.from_pretrained(
+                path,
+                config=config,
+                dtype=torch_dtype(model_args),
+                quantization_config=quantization_config(model_args),
+                device_map=kbit_device_map() if model_args.finetune_mode == "qlora" else None,
+                trust_remote_code=model_args.trust_remote_code,
+                **kwargs,
+            )
     except AdapterBaseMismatchError as e:
         raise RecipeError(f"model_name_or_path: {e}") from None
 
