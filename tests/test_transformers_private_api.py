@@ -47,3 +47,14 @@ def test_the_optimizer_map_location_that_needs_the_override_is_still_there():
         "multi-process runs: VLATrainer._load_optimizer_and_scheduler may be dropped (re-run test_resume's "
         "multi-process CPU case without it)"
     )
+
+
+def test_cached_file_still_takes_the_private_missing_entries_switch():
+    """``finetuning.load_config`` and ``models/adapters.py`` ask whether a repo has a file without an exception for a
+    missing one; ``cached_file``'s switch for that is private (``has_file`` would make a second Hub request)."""
+    from transformers.utils import hub
+
+    assert "_raise_exceptions_for_missing_entries" in inspect.signature(hub.cached_files).parameters, (
+        "transformers.utils.hub.cached_files (behind cached_file) lost _raise_exceptions_for_missing_entries; "
+        "re-check finetuning.load_config and models/adapters.py (adapter_base, AdapterFolderMixin.from_pretrained)"
+    )
