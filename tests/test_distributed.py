@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -299,7 +300,12 @@ def write_recipe(tmp_path: Path, dataset_root: str, demo: str, name: str = "reci
     return path
 
 
+# What the Trainer logs itself; every other key of a training log is a family's metric (action_accuracy, ...).
+TRAINER_KEYS = ("loss", "grad_norm", "learning_rate", "epoch", "step", "samples_per_second", "gpu_mem_peak_gb")
+
+
 def train_log(tmp_path: Path, dataset_root: str, demo: str, name: str, config: str, **overrides) -> dict[str, list]:
+    """The logged loss, gradient norm and family metrics of each step; ``"stderr"``: the run's log, every rank."""
     recipe = write_recipe(tmp_path, dataset_root, demo, name, **overrides)
     result = accelerate_launch(
         "recipes/sft.py", "--config", str(recipe), config=config, env={"ACCELERATE_USE_CPU": "1"}, timeout=400
@@ -307,7 +313,8 @@ def train_log(tmp_path: Path, dataset_root: str, demo: str, name: str, config: s
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
     steps = [entry for entry in history if "loss" in entry]
-    return {key: [entry[key] for entry in steps] for key in ("loss", "grad_norm")}
+    metrics = sorted({key for entry in steps for key in entry if key not in TRAINER_KEYS})
+    return {key: [entry[key] for entry in steps] for key in ("loss", "grad_norm", *metrics)} | {"stderr": result.stderr}
 
 
 def assert_same_training(reference: dict, other: dict) -> None:
@@ -318,7 +325,18 @@ def assert_same_training(reference: dict, other: dict) -> None:
     torch.testing.assert_close(other["grad_norm"], reference["grad_norm"], atol=1e-4, rtol=1e-5)
 
 
-def check_layouts(tmp_path, root: str, demo: str, **overrides) -> None:
+def assert_same_metrics(reference: dict, other: dict) -> None:
+    """Same family metrics: true where each micro-batch's value is a mean over equally many elements (OpenVLA's
+    action tokens), so that the mean over micro-batches and processes is the mean over the whole batch."""
+    import torch
+
+    metrics = sorted(set(reference) - {"loss", "grad_norm", "stderr"})
+    assert metrics and metrics == sorted(set(other) - {"loss", "grad_norm", "stderr"})
+    for name in metrics:
+        torch.testing.assert_close(other[name], reference[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def check_layouts(tmp_path, root: str, demo: str, **overrides) -> tuple[dict, dict, dict]:
     """2 processes x batch 4 (DDP, gloo) and 1 process x batch 4 x accumulation 2 train as 1 process x batch 8."""
     single = train_log(tmp_path, root, demo, "single", "single_gpu.yaml", per_device_train_batch_size=8, **overrides)
     ddp = train_log(tmp_path, root, demo, "ddp", "multi_cpu.yaml", per_device_train_batch_size=4, **overrides)
@@ -328,6 +346,7 @@ def check_layouts(tmp_path, root: str, demo: str, **overrides) -> None:
     )  # fmt: skip
     assert_same_training(single, ddp)
     assert_same_training(single, accumulated)
+    return single, ddp, accumulated
 
 
 def test_flow_matching_draws_depend_on_the_sample_only():
@@ -353,7 +372,25 @@ def test_flow_matching_draws_depend_on_the_sample_only():
 
 
 def test_openvla_ddp_and_accumulation_equal_one_big_batch(tmp_path, dataset_root):
-    check_layouts(tmp_path, dataset_root, "openvla")
+    """Also (issue 14) the family metrics, summed on the device and reduced once per log, equal one process's; the
+    dataset checks and statistics run on the main process alone (rank 1 neither computes them nor reads the cache:
+    one "norm stats" line), and one process builds each frame-cache entry."""
+    single, ddp, accumulated = check_layouts(tmp_path, dataset_root, "openvla")
+    assert_same_metrics(single, ddp)
+    assert_same_metrics(single, accumulated)
+    assert len(re.findall(r"norm stats: (computed|reused)", ddp["stderr"])) == 1, ddp["stderr"][-3000:]
+    assert ddp["stderr"].count("frame cache: wrote") <= 1
+
+
+def test_a_dataset_error_on_the_main_process_stops_every_rank_in_one_line(tmp_path, dataset_root):
+    """The dataset checks run on the main process alone (issue 14): its one-line error reaches every rank, none
+    waits for it (a hang would fail this test at the timeout)."""
+    recipe = write_recipe(tmp_path, dataset_root, "openvla", "bad", train_episodes=["0:999"])
+    result = accelerate_launch("recipes/sft.py", "--config", str(recipe), config="multi_cpu.yaml", timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1], result.stderr[-3000:]
+    assert errors[0].startswith("error: train_episodes: episodes [") and "do not exist" in errors[0]
 
 
 @pytest.mark.slow

@@ -142,6 +142,20 @@ def test_two_runs_cannot_share_a_folder_and_a_killed_run_leaves_no_lock(tmp_path
     assert (out / "model.safetensors").is_file() and not (out / RUN_LOCK_NAME).exists()  # released at the end
 
 
+def test_a_filesystem_without_flock_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Some shared filesystems (Lustre, NFS mounts without locking) refuse flock: the run goes on, and says so."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with caplog.at_level(logging.WARNING, logger="vla_recipes.output_dir"), OutputDirLock(tmp_path / "out"):
+        assert not (tmp_path / "out" / RUN_LOCK_NAME).exists()
+    assert "cannot be locked (No locks available): a second run into it would not be refused" in caplog.text
+
+
 @pytest.mark.slow
 def test_a_multi_process_run_takes_the_lock_once(tmp_path, dataset_root):
     """2 CPU ranks: only the main process locks (no deadlock on its own lock); into a held folder every rank stops

@@ -8,12 +8,20 @@ run, and closing a multi-process run cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from accelerate.utils import str_to_bool
+from accelerate import PartialState
+from accelerate.utils import (
+    DeepSpeedPlugin,
+    FullyShardedDataParallelPlugin,
+    parse_choice_from_env,
+    parse_flag_from_env,
+    patch_environment,
+)
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from vla_recipes.configs import ModelArguments, RecipeError
@@ -25,7 +33,7 @@ UNSHARDABLE_BLOCKS = ("GemmaDecoderLayer",)
 
 @dataclass(frozen=True)
 class Strategy:
-    """What ``accelerate launch`` set up for this process, read from the environment it passes to the script."""
+    """What ``accelerate launch`` set up for this process (see :func:`strategy_from_env`)."""
 
     kind: str  # "single", "ddp", "fsdp" or "deepspeed"
     num_processes: int = 1
@@ -50,36 +58,37 @@ class Strategy:
 
 
 def strategy_from_env(env: Mapping[str, str] | None = None) -> Strategy:
-    """The strategy of this process, from the variables ``accelerate launch`` (and torchrun) set."""
-    env = os.environ if env is None else env
+    """The strategy of this process as accelerate reads it: the process count from ``PartialState``, the FSDP or
+    DeepSpeed settings from the plugin ``Accelerator`` would build (``FullyShardedDataParallelPlugin`` /
+    ``DeepSpeedPlugin``, which read the environment ``accelerate launch`` sets), with accelerate's own switches.
 
-    def flag(name: str) -> bool:
-        return bool(str_to_bool(env.get(name, "false")))
-
-    common = {
-        "num_processes": int(env.get("WORLD_SIZE", "1")),
-        "mixed_precision": env.get("ACCELERATE_MIXED_PRECISION", "no"),
-    }
-    if flag("ACCELERATE_USE_DEEPSPEED"):
-        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-        return Strategy(
-            "deepspeed",
-            zero_stage=int(stage) if stage else None,
-            zero3_save_16bit_model=flag("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"),
-            **common,
-        )
-    if flag("ACCELERATE_USE_FSDP"):
-        blocks = env.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
-        return Strategy(
-            "fsdp",
-            fsdp_version=int(env.get("FSDP_VERSION", "1")),
-            fsdp_blocks=tuple(blocks.split(",")) if blocks else (),
-            fsdp_activation_checkpointing=flag("FSDP_ACTIVATION_CHECKPOINTING"),
-            fsdp_state_dict_type=env.get("FSDP_STATE_DICT_TYPE"),
-            fsdp_reshard_after_forward=flag("FSDP_RESHARD_AFTER_FORWARD"),
-            fsdp_cpu_ram_efficient_loading=flag("FSDP_CPU_RAM_EFFICIENT_LOADING"),
-            **common,
-        )
+    ``env``: the environment of a launch instead of this process's (to check a config before launching); its
+    ``WORLD_SIZE`` (what torchrun sets) is then the process count.
+    """
+    with patch_environment(**env) if env is not None else contextlib.nullcontext():
+        processes = int(os.environ.get("WORLD_SIZE", "1")) if env is not None else PartialState().num_processes
+        precision = parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no")
+        common = {"num_processes": processes, "mixed_precision": precision}
+        if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+            deepspeed = DeepSpeedPlugin()
+            return Strategy(
+                "deepspeed",
+                zero_stage=int(deepspeed.zero_stage),
+                zero3_save_16bit_model=bool(deepspeed.zero3_save_16bit_model),
+                **common,
+            )
+        if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+            fsdp = FullyShardedDataParallelPlugin()
+            return Strategy(
+                "fsdp",
+                fsdp_version=fsdp.fsdp_version,
+                fsdp_blocks=tuple(fsdp.transformer_cls_names_to_wrap or ()),
+                fsdp_activation_checkpointing=bool(fsdp.activation_checkpointing),
+                fsdp_state_dict_type=fsdp.state_dict_type.name,
+                fsdp_reshard_after_forward=fsdp.reshard_after_forward is True,
+                fsdp_cpu_ram_efficient_loading=bool(fsdp.cpu_ram_efficient_loading),
+                **common,
+            )
     return Strategy("ddp" if common["num_processes"] > 1 else "single", **common)
 
 

@@ -1,24 +1,27 @@
 """Loading a model for fine-tuning and applying the recipe's mode: full, LoRA, QLoRA, expert-only.
 
-A ``model_config`` (random init) and a pretrained ``model_name_or_path`` take the same path: a
-random model is first written to ``<output_dir>/base_model`` when adapters need a base to point to,
-then everything loads through ``from_pretrained`` (so QLoRA quantises a random model exactly as it
-quantises openvla/openvla-7b).
+A ``model_config`` (random init) and a pretrained ``model_name_or_path`` take the same path: a random model is
+first written to ``<output_dir>/base_model`` (by the main process) when adapters need a base to point to, then
+everything loads through ``from_pretrained`` (so QLoRA quantises a random model exactly as it quantises
+openvla/openvla-7b). A Hub model is downloaded by the main process before the other ranks read it from the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import CONFIG_MAPPING, AutoConfig, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 from transformers.utils import CONFIG_NAME, cached_file
 
 from vla_recipes.configs import ADAPTER_MODES, ModelArguments, RecipeError
 from vla_recipes.families import families, lerobot_policy_types
+from vla_recipes.main_process import main_process_first
 from vla_recipes.models.adapters import AdapterBaseMismatchError
 
 
@@ -116,8 +119,6 @@ def quantization_config(model_args: ModelArguments) -> BitsAndBytesConfig | None
 def kbit_device_map() -> dict[str, int] | None:
     """Where a 4-bit base loads: each DDP / FSDP process on its own GPU (TRL's rule; without it every process
     would quantise onto GPU 0); nothing on the CPU, and nothing under DeepSpeed, which places the weights itself."""
-    from accelerate import PartialState
-
     from vla_recipes.distributed import strategy_from_env
 
     if not torch.cuda.is_available() or strategy_from_env().kind == "deepspeed":
@@ -137,19 +138,25 @@ def load_model(
         if model_args.finetune_mode not in ADAPTER_MODES:
             return model.to(torch_dtype(model_args)) if isinstance(torch_dtype(model_args), torch.dtype) else model
         path = str(Path(output_dir).resolve() / "base_model")
-        model.save_pretrained(path)
+        with main_process_first():  # one writer (every rank set the same seed: same weights); the others load it
+            if PartialState().is_main_process:
+                model.save_pretrained(path)
     kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    # A Hub model is downloaded by the main process first, then read from the cache by the others (one download,
+    # not one per rank: the Hub rate-limits).
+    order = main_process_first() if not Path(path).is_dir() else contextlib.nullcontext()
     try:
-        return model_class.from_pretrained(
-            path,
-            config=config,
-            revision=model_args.model_revision,
-            dtype=torch_dtype(model_args),
-            quantization_config=quantization_config(model_args),
-            device_map=kbit_device_map() if model_args.finetune_mode == "qlora" else None,
-            trust_remote_code=model_args.trust_remote_code,
-            **kwargs,
-        )
+        with order:
+            return model_class.from_pretrained(
+                path,
+                config=config,
+                revision=model_args.model_revision,
+                dtype=torch_dtype(model_args),
+                quantization_config=quantization_config(model_args),
+                device_map=kbit_device_map() if model_args.finetune_mode == "qlora" else None,
+                trust_remote_code=model_args.trust_remote_code,
+                **kwargs,
+            )
     except AdapterBaseMismatchError as e:
         raise RecipeError(f"model_name_or_path: {e}") from None
 

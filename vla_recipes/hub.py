@@ -19,11 +19,13 @@ import os
 from pathlib import Path
 
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from vla_recipes.checkpointing import write_recipe
 from vla_recipes.configs import RecipeError
 from vla_recipes.data.stats import action_stats_markdown
 from vla_recipes.families import get_family
+from vla_recipes.main_process import on_main_process
 from vla_recipes.models.adapters import record_portable_base
 from vla_recipes.remote_code import write_remote_code
 
@@ -40,6 +42,7 @@ actions = model.predict_action(**inputs)  # (batch, {horizon}, {action_dim}) in 
 """
 
 OFFLINE = "push_to_hub: HF_HUB_OFFLINE is set; unset it to push, or set push_to_hub: false"
+TRAINING_EVAL_TASK = "open-loop action prediction"  # the held-out loss is open-loop, as evaluation.OPEN_LOOP_TASK
 NOT_METRICS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
 
 
@@ -72,6 +75,12 @@ def check_push_to_hub(args) -> None:
     """
     if not args.push_to_hub:
         return
+    on_main_process(_check_hub_access, args)  # one whoami call per run, not one per rank (the Hub rate-limits)
+    if args.hub_token is not None:
+        os.environ["HF_TOKEN"], args.hub_token = args.hub_token, None
+
+
+def _check_hub_access(args) -> None:
     from huggingface_hub import HfApi, constants, get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -112,13 +121,11 @@ def check_push_to_hub(args) -> None:
             f"hub_model_id={repo_id!r}: {user!r} cannot create repos under {namespace!r}; "
             f"use one of {[user, *orgs]} as the namespace"
         )
-    if args.hub_token is not None:
-        os.environ["HF_TOKEN"], args.hub_token = args.hub_token, None
 
 
 def _base_model(model) -> str | None:
     base = getattr(model, "get_base_model", lambda: model)()
-    path = base.config._name_or_path
+    path = base.config.name_or_path
     return path if path and not Path(path).is_dir() else None
 
 
@@ -138,27 +145,19 @@ def model_card(trainer, model_args) -> str:
         k: v for k, v in last_eval.items() if k.startswith("eval_") and k not in NOT_METRICS and isinstance(v, float)
     }
     train_loss = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    metadata = {
-        "library_name": "transformers",
-        "pipeline_tag": "robotics",
-        "tags": ["vla-recipes", "robotics", "lerobot", config.model_type, model_args.finetune_mode],
-        "datasets": datasets,
-    }
-    if (base := _base_model(trainer.model)) is not None:
-        metadata["base_model"] = base
-    if eval_metrics:
-        metadata["model-index"] = [
-            {
-                "name": (args.hub_model_id or Path(args.output_dir).name).split("/")[-1],
-                "results": [
-                    {
-                        "task": {"type": "robotics", "name": "open-loop action prediction"},
-                        "dataset": {"type": datasets[0], "name": datasets[0]},
-                        "metrics": [{"type": k.removeprefix("eval_"), "value": v} for k, v in eval_metrics.items()],
-                    }
-                ],
-            }
+    base = _base_model(trainer.model)
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="robotics",
+        tags=["vla-recipes", "robotics", "lerobot", config.model_type, model_args.finetune_mode],
+        datasets=datasets,
+        base_model=base,
+        model_name=(args.hub_model_id or Path(args.output_dir).name).split("/")[-1] if eval_metrics else None,
+        eval_results=[
+            _eval_result(TRAINING_EVAL_TASK, datasets[0], k.removeprefix("eval_"), v) for k, v in eval_metrics.items()
         ]
+        or None,
+    )
     recipe = {
         "finetune_mode": model_args.finetune_mode,
         "model": model_args.model_name_or_path or "random init from model_config",
@@ -172,7 +171,6 @@ def model_card(trainer, model_args) -> str:
         **({"state_indices": config.state_indices} if getattr(config, "state_indices", None) else {}),
     }
     lines = [
-        f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---\n",
         f"# {Path(args.output_dir).name}\n",
         f"A {config.model_type} policy fine-tuned with [vla-recipes](https://github.com/vla-recipes) "
         f"({model_args.finetune_mode}) on {', '.join(datasets)}"
@@ -202,7 +200,19 @@ def model_card(trainer, model_args) -> str:
         lines.append(f"Training loss: {train_loss[0]:.4f} (first log) -> {train_loss[-1]:.4f} (last log).\n")
     if eval_metrics:
         lines.append("## Evaluation\n\n" + "\n".join(f"- {k}: {v:.4f}" for k, v in eval_metrics.items()) + "\n")
-    return "\n".join(lines)
+    return _card(data, "\n".join(lines)).content
+
+
+def _card(data: ModelCardData, body: str) -> ModelCard:
+    """A card as huggingface_hub writes one: its metadata (``model-index`` built from ``eval_results``), then text."""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _eval_result(task: str, dataset: str, metric: str, value: float) -> EvalResult:
+    return EvalResult(
+        task_type="robotics", task_name=task, dataset_type=dataset, dataset_name=dataset, metric_type=metric,
+        metric_value=value,
+    )  # fmt: skip
 
 
 def save_for_inference(trainer, model_args) -> None:
@@ -235,7 +245,8 @@ def push_output_dir(trainer) -> None:
     from huggingface_hub import upload_folder
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    trainer._finish_current_push()  # a checkpoint push still running goes first
+    if (push := getattr(trainer, "push_in_progress", None)) is not None:  # a checkpoint push still running goes first
+        push.wait_until_done()
     upload_folder(
         repo_id=trainer.hub_model_id,
         folder_path=trainer.args.output_dir,
@@ -255,27 +266,15 @@ def add_card_results(folder: str | Path, metrics: dict[str, float], *, task: str
     """
     import re
 
-    from huggingface_hub import EvalResult, ModelCard
-
     path = Path(folder) / "README.md"
-    card = ModelCard.load(path) if path.is_file() else ModelCard(f"---\n{{}}\n---\n\n# {Path(folder).name}\n")
+    card = ModelCard.load(path) if path.is_file() else _card(ModelCardData(), f"# {Path(folder).name}\n")
     card.data.model_name = card.data.model_name or Path(folder).resolve().name
     results = [
         r
         for r in card.data.eval_results or []
         if (r.task_name, r.dataset_type, r.metric_type) not in {(task, dataset, name) for name in metrics}
     ]
-    results += [
-        EvalResult(
-            task_type="robotics",
-            task_name=task,
-            dataset_type=dataset,
-            dataset_name=dataset,
-            metric_type=name,
-            metric_value=value,
-        )  # fmt: skip
-        for name, value in metrics.items()
-    ]
+    results += [_eval_result(task, dataset, name, value) for name, value in metrics.items()]
     card.data.eval_results = results
     block = f"## {section}\n\n" + "".join(f"- {name}: {value:.4g}\n" for name, value in metrics.items()) + "\n"
     text, count = re.subn(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", lambda _: block, card.text, flags=re.M | re.S)

@@ -60,6 +60,15 @@ class OutputDirLock:
                     f"output_dir {str(self.folder)!r} is in use by another run ({holder}); wait for it to end, or "
                     "choose another output_dir"
                 ) from None
+            except OSError as e:  # a shared filesystem without flock (some Lustre / NFS mounts): run unguarded
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                logger.warning(
+                    "output_dir %s cannot be locked (%s): a second run into it would not be refused",
+                    self.folder,
+                    e.strerror or e,
+                )
+                return
             if self.path.exists() and os.path.samestat(os.fstat(fd), os.stat(self.path)):
                 break
             os.close(fd)  # its holder deleted it on release: lock the file now at that path

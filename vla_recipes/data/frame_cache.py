@@ -10,8 +10,10 @@ small (150 KB a frame at 224x224) and what the model sees is what the per-sample
 ``pixel_values`` are bit-identical, pi0.5's are within 0.5/255 (one uint8 rounding of its bilinear fit).
 
 An entry is keyed by the dataset's files (``cache_keys``), the rows, the camera and the resize, so any
-change builds a new entry. One process builds it under a file lock while the others wait, then all of
-them map it read-only (the page cache is shared by DataLoader workers and DDP ranks).
+change builds a new entry. In a multi-process run the main process builds it first while the other ranks wait
+(``main_process_first``); a file lock also keeps two runs (or the ranks of another node, whose cache folder is its
+own) from building one entry twice. Then all of them map it read-only (the page cache is shared by DataLoader
+workers and DDP ranks).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from PIL import Image
 
 from vla_recipes.configs import RecipeError
 from vla_recipes.data.cache_keys import cache_root, entry_stem, file_identity, info_sha256, sha256
+from vla_recipes.main_process import main_process_first
 
 logger = logging.getLogger(__name__)
 
@@ -362,8 +365,9 @@ def open_frame_cache(dataset, data_args, camera_keys: list[str], resize: FrameRe
     """
     if not data_args.frame_cache or any(dataset.meta.features[k]["dtype"] != "video" for k in camera_keys):
         return None
-    try:
-        return FrameCache(dataset, camera_keys, resize, frame_cache_dir(data_args.frame_cache_dir))
-    except NoRoomForCache as e:
-        logger.warning("%s; decoding video frames per sample instead", e)
-        return None
+    with main_process_first():  # every rank builds its datasets at the same point; the others then reuse the entry
+        try:
+            return FrameCache(dataset, camera_keys, resize, frame_cache_dir(data_args.frame_cache_dir))
+        except NoRoomForCache as e:
+            logger.warning("%s; decoding video frames per sample instead", e)
+            return None

@@ -1,9 +1,13 @@
 """The run's data: each dataset (the only one, or every mixture entry) checked, with its statistics, and the
-training / evaluation samples built from them. Everything here runs before the model's weights load."""
+training / evaluation samples built from them. Everything here runs before the model's weights load.
+
+The checks and statistics read every data file (and probe every video): in a multi-process run the main process
+alone does them and sends the results to the other ranks, which only read the (small) metadata themselves.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch.utils.data import ConcatDataset
 
@@ -20,6 +24,7 @@ from vla_recipes.data.lerobot import (
 )
 from vla_recipes.data.mixture import WeightedMixture, entry_args
 from vla_recipes.data.state_selection import feature_dim, state_selection
+from vla_recipes.main_process import on_main_process
 
 
 @dataclass
@@ -63,7 +68,19 @@ def prepare_data(data_args: DataArguments, family, norm_mode: str, weight: float
 
 
 def prepare_entries(data_args: DataArguments, family, norm_mode: str) -> dict[str, EntryData]:
-    """:func:`prepare_data` of the dataset, or of every mixture entry (whose errors then start with its name)."""
+    """:func:`prepare_data` of the dataset, or of every mixture entry (whose errors then start with its name), run
+    once by the main process; every rank gets the same entries (and the same error)."""
+    main: dict[str, EntryData] = {}
+
+    def check() -> dict[str, EntryData]:  # sent without the metadata, which can be large (per-episode stats)
+        main.update(_checked_entries(data_args, family, norm_mode))
+        return {name: replace(e, meta=None) for name, e in main.items()}
+
+    checked = on_main_process(check)
+    return main or {name: replace(e, meta=load_metadata(e.args)) for name, e in checked.items()}
+
+
+def _checked_entries(data_args: DataArguments, family, norm_mode: str) -> dict[str, EntryData]:
     entries = {}
     for name, (weight, args) in entry_args(data_args).items():
         try:

@@ -14,7 +14,8 @@ OpenVLA computes; openpi's tests compare its own histogram against the same).
 
 Results are cached: one JSON entry per feature in ``stats_cache_dir``, named by a hash of the dataset revision,
 ``meta/info.json``, each data file's size and mtime, the episodes and the feature. All entries share one folder
-lock, so the first process (a DDP rank, or another run) computes and the others wait, then read the same numbers.
+lock, so the first process (another run, or another node's main process) computes and the others wait, then read
+the same numbers; within a run only the main process asks (``run_data.prepare_entries``) and sends them to the rest.
 The dataset folder is written only with ``write_stats_to_dataset`` (through LeRobot's own ``write_stats``).
 """
 

@@ -1,10 +1,10 @@
 """``VLATrainer``: the ``transformers.Trainer`` every model family's trainer builds on.
 
-It adds what VLA fine-tuning needs on top of the stock loop: per-family metrics (action accuracy,
-action L1, ...) logged next to the loss in train and eval, averaged over the logging window and
-across processes, and an evaluation step that runs the same loss code as training. It also makes
-checkpoints atomic (see ``checkpointing``), resumes exactly (the dataset's epoch, optimizer state on a
-multi-process CPU run) and stops on a non-finite loss before anything is saved after it.
+It adds what VLA fine-tuning needs on top of the stock loop: per-family metrics (action accuracy, action L1, ...)
+logged next to the loss in train and eval, averaged over the logging window and across processes (kept on the device
+between logs, see ``MetricSums``), and an evaluation step that runs the same loss code as training. It also makes
+checkpoints atomic (a callback around the Trainer's save, see ``checkpointing``), resumes exactly (the dataset's
+epoch, optimizer state on a multi-process CPU run) and stops on a non-finite loss before anything is saved after it.
 """
 
 from __future__ import annotations
@@ -12,15 +12,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import defaultdict
+from collections.abc import Callable
 
 import torch
+from accelerate import PartialState
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vla_recipes import checkpointing
 from vla_recipes.configs import RecipeError
+from vla_recipes.trainers.metric_sums import MetricSums
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,38 @@ class _Throughput(TrainerCallback):
         return logs
 
 
+class _AtomicCheckpoints(TrainerCallback):
+    """Make every checkpoint atomic (see ``checkpointing``) around the Trainer's own save.
+
+    Before a save: half-written checkpoints are deleted (so ``save_total_limit`` never keeps one instead of a
+    complete checkpoint, nor does the new save write into a stale folder of its step). After it, once every process
+    wrote its files: the run's ``recipe.json`` and then the completion mark.
+    """
+
+    def __init__(self, recipe: Callable[[], dict | None]) -> None:
+        self.recipe = recipe
+
+    def _before_save(self, args, control) -> None:
+        if control.should_save:
+            if args.should_save:
+                checkpointing.remove_incomplete_checkpoints(args.output_dir)
+            PartialState().wait_for_everyone()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._before_save(args, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._before_save(args, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        PartialState().wait_for_everyone()
+        if args.should_save:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if (recipe := self.recipe()) is not None:
+                checkpointing.write_recipe(folder, recipe)
+            checkpointing.mark_complete(folder, state.global_step)
+
+
 class VLATrainer(Trainer):
     """Subclasses implement :meth:`compute_metrics_from_outputs`; everything else is shared.
 
@@ -86,9 +120,10 @@ class VLATrainer(Trainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics = {"train": MetricSums(), "eval": MetricSums()}
         if hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(_DatasetEpoch(self.train_dataset))
+        self.add_callback(_AtomicCheckpoints(lambda: self.recipe))
         self._throughput = _Throughput()
         self.add_callback(self._throughput)
         self._flop_parameters: int | None = None
@@ -118,20 +153,6 @@ class VLATrainer(Trainer):
             )
         return loss
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """Delete half-written checkpoints first, save, then mark the new one complete once every process wrote."""
-        run_dir = self._get_output_dir(trial=trial)
-        if self.args.should_save:
-            checkpointing.remove_incomplete_checkpoints(run_dir)
-        self.accelerator.wait_for_everyone()
-        super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            if self.recipe is not None:
-                checkpointing.write_recipe(folder, self.recipe)
-            checkpointing.mark_complete(folder, self.state.global_step)
-
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """On a multi-process CPU (gloo) run, load onto plain ``cpu``.
 
@@ -153,8 +174,7 @@ class VLATrainer(Trainer):
         mode = "train" if model.training else "eval"
         with torch.no_grad():
             for name, value in self.compute_metrics_from_outputs(inputs, outputs).items():
-                value = self.accelerator.gather_for_metrics(value.detach().float().reshape(1)).mean()
-                self._metrics[mode][name].append(value.item())
+                self._metrics[mode].add(name, value)
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
@@ -167,10 +187,7 @@ class VLATrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            if values:
-                logs[f"{prefix}{name}"] = sum(values) / len(values)
-        self._metrics[mode].clear()
+        logs.update({f"{prefix}{name}": value for name, value in self._metrics[mode].means(self.accelerator).items()})
         if "loss" in logs:  # a training log (not eval, not the end-of-training summary)
             logs.update(self._throughput.window(self.args, self.state))
         super().log(logs, start_time)
