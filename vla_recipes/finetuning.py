@@ -25,7 +25,6 @@ from vla_recipes.main_process import main_process_first
 from vla_recipes.models.adapters import AdapterBaseMismatchError
 
 
-
 def load_config(model_args: ModelArguments) -> PretrainedConfig:
     """The model's config, read without loading weights: from ``model_config``, a transformers folder, or a
     LeRobot policy folder (a ``"type"`` in a family's ``lerobot_policy_types``, as lerobot/pi05_base is laid out), which
