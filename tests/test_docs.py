@@ -74,10 +74,10 @@ def make_targets() -> frozenset[str]:
 
 
 @functools.cache
-def console_scripts() -> frozenset[str]:
-    """The console commands pyproject.toml declares (``[project.scripts]``)."""
+def console_scripts() -> dict[str, str]:
+    """The console commands pyproject.toml declares (``[project.scripts]``): name -> the module that runs it."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return frozenset(project.get("scripts", {}))
+    return {name: target.split(":")[0] for name, target in project.get("scripts", {}).items()}
 
 
 def _options(help_text: str) -> frozenset[str]:
@@ -213,6 +213,8 @@ def check_command(words: list[str], where: str) -> list[str]:
         return check_script_flags(f"recipes/{args[0]}.py", flags_of(args[1:]), where)
     if re.fullmatch(r"(.*/)?python[\d.]*", program):
         args = [a for a in args if a not in ("-u", "-O")]
+        if args[:1] == ["-m"] and args[1:2] == [console_scripts().get("vla-recipes")]:  # python -m vla_recipes.cli sft
+            return check_command(["vla-recipes", *args[2:]], where)
         if args[:1] == ["-m"] and len(args) > 1 and args[1].startswith("vla_recipes"):
             module = ROOT / args[1].replace(".", "/")
             path = module.with_suffix(".py") if module.with_suffix(".py").is_file() else module / "__main__.py"
@@ -320,7 +322,6 @@ python recipes/evaluate.py --model out --batch_size 4 --plot_everything
 python recipes/nonexistent.py --x 1
 python benchmarks/inference.py --batch 8 --turbo
 python -m vla_recipes.data.synthetic --root data/x --num_frames 3
-vla-recipes serve --port 0 --warp_speed
 make demo && make deploy
 ```
 
@@ -356,9 +357,6 @@ def test_a_page_with_made_up_names_fails() -> None:
         "recipes/rollout.py has no option --n_epsiodes",
     ):
         assert culprit in problems
-    # vla-recipes: checked as recipes/serve.py once pyproject declares it, refused until then
-    expected = "has no option --warp_speed" if "vla-recipes" in console_scripts() else "not a console script"
-    assert expected in problems
     for fine in (
         "--max_steps",
         "--batch_size",
@@ -372,3 +370,34 @@ def test_a_page_with_made_up_names_fails() -> None:
         "--port",
     ):
         assert fine not in problems
+
+
+CONSOLE_PAGE = """```bash
+vla-recipes evaluate --model out --batch_size 4 --plot_everything
+accelerate launch --config_file accelerate_configs/single_gpu.yaml -m vla_recipes.cli sft \\
+    --config recipes/demo/openvla.yaml --max_steps 5 --lerning_rate 1e-4
+python -m vla_recipes.cli serve --port 0 --warp_speed
+vla-recipes frobnicate --x 1
+```
+"""
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["declared", "not-declared"])
+def test_console_commands_are_checked_as_their_scripts(monkeypatch, declared: bool) -> None:
+    """``vla-recipes <cmd>`` (and ``-m <its module> <cmd>``) takes ``recipes/<cmd>.py``'s flags once pyproject.toml
+    declares it, and is refused while it does not."""
+    scripts = {"vla-recipes": "vla_recipes.cli"} if declared else {}
+    monkeypatch.setattr(sys.modules[__name__], "console_scripts", lambda: scripts)
+    problems = "\n".join(check_page(ROOT / "docs" / "fake.md", CONSOLE_PAGE))
+    if declared:
+        for culprit in (
+            "recipes/evaluate.py has no option --plot_everything",
+            "--lerning_rate is not a recipe key",
+            "recipes/serve.py has no option --warp_speed",
+            "vla-recipes has no subcommand ['frobnicate']",
+        ):
+            assert culprit in problems
+        for fine in ("--batch_size", "--max_steps", "--port", "--config"):
+            assert fine not in problems
+    else:
+        assert problems.count("vla-recipes is not a console script") == 2
