@@ -9,6 +9,8 @@ Checked on each page:
   ``--help`` (run in-process: no subprocess, no model); a ``--flag`` of another Python script or ``python -m`` module
   is one its parser adds; ``accelerate launch``'s own flags are accelerate's; ``vla-recipes <cmd> --flag`` (the
   console script of ``[project.scripts]``, when pyproject declares it) is checked as ``recipes/<cmd>.py``;
+- a ``vla_recipes.module.name`` in code (and a ``from vla_recipes.module import name``) is defined there, read from
+  the module's source;
 - every top-level key of a ``yaml`` block is a recipe key (a ``datasets:`` entry's keys are a mixture entry's);
 - every relative link resolves, to a file and, with ``#anchor``, to a heading of that page.
 """
@@ -41,6 +43,8 @@ FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```", re.M | re.S)
 INLINE = re.compile(r"`([^`\n]+(?:\n[^`\n]+)*)`")  # an inline span may wrap onto the next line
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 REPO_PATH = re.compile(rf"(?<![\w./-])((?:{'|'.join(map(re.escape, REPO_DIRS))})/[^\s`'\"(),;]*)")
+NAME = re.compile(r"(?<![\w./-])vla_recipes(?:\.\w+)+")
+FROM_IMPORT = re.compile(r"^\s*from (vla_recipes[\w.]*) import \(?([\w, ]+)", re.M)
 COMMAND_START = ("python", "accelerate", "make", "vla-recipes", "bash", "sbatch")
 
 
@@ -237,6 +241,41 @@ def check_path(path: str, where: str) -> list[str]:
     ]
 
 
+@functools.cache
+def top_level_names(module: Path) -> frozenset[str] | None:
+    """What a module defines or imports at its top level (``None``: a module ``__getattr__`` makes any name)."""
+    names: set[str] = set()
+    body = list(ast.parse(module.read_text()).body)
+    while body:
+        node = body.pop()
+        if isinstance(node, ast.If | ast.Try):
+            body += [*node.body, *node.orelse, *getattr(node, "finalbody", []), *getattr(node, "handlers", [])]
+        elif isinstance(node, ast.ExceptHandler):
+            body += node.body
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name))
+    return None if "__getattr__" in names else frozenset(names)
+
+
+def check_name(dotted: str, where: str) -> list[str]:
+    """``vla_recipes.a.b.name``: the longest module prefix is a file of the package and defines ``name``."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        base = ROOT.joinpath(*parts[:i])
+        module = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+        if module.is_file():
+            break
+    rest, names = parts[i:], top_level_names(module)
+    if not rest or names is None or rest[0] in names:
+        return []
+    return [f"{where}: {'.'.join(parts[:i])} has no {rest[0]}"]
+
+
 def check_yaml(code: str, where: str) -> list[str]:
     try:
         recipe = yaml.safe_load(code)
@@ -263,6 +302,10 @@ def check_page(page: Path, text: str) -> list[str]:
     for block in FENCE.finditer(text):
         lang, code, at = block.group(1), block.group(2), where(block.start())
         problems += [p for path in REPO_PATH.findall(code) for p in check_path(path, at)]
+        problems += [p for dotted in NAME.findall(code) for p in check_name(dotted, at)]
+        for module, imported in FROM_IMPORT.findall(code):
+            names = filter(None, imported.replace(" ", "").split(","))
+            problems += [p for name in names for p in check_name(f"{module}.{name}", at)]
         if lang in SHELL_LANGS:
             problems += [p for words in commands(code) for p in check_command(words, at)]
         elif lang == "yaml":
@@ -271,6 +314,7 @@ def check_page(page: Path, text: str) -> list[str]:
     for span in INLINE.finditer(prose):
         code, at = span.group(1), where(span.start())
         problems += [p for path in REPO_PATH.findall(code) for p in check_path(path, at)]
+        problems += [p for dotted in NAME.findall(code) for p in check_name(dotted, at)]
         if code.startswith(COMMAND_START):
             problems += [p for words in commands(code.replace("\n", " ")) for p in check_command(words, at)]
     for link in LINK.finditer(INLINE.sub(lambda span: "`" * len(span.group(0)), prose)):
@@ -332,6 +376,11 @@ datasets:
   - {dataset_repo_id: a/b, weight: 2, speed: 3}
 ```
 
+```python
+from vla_recipes.metrics import METRICS, NO_SUCH_METRIC
+```
+
+The blocks are `vla_recipes.distributed.NO_SUCH_BLOCKS`; the policy is `vla_recipes.evaluation.ChunkedPolicy`.
 Copy `recipes/pi05/custom/lora.yaml` or `recipes/pi05/imaginary/full.yaml`, then
 `python recipes/rollout.py --env pusht --n_episodes 2 --n_epsiodes 3`.
 """
@@ -355,6 +404,8 @@ def test_a_page_with_made_up_names_fails() -> None:
         "'speed' is not a datasets entry key",
         "recipes/pi05/imaginary/full.yaml does not exist",
         "recipes/rollout.py has no option --n_epsiodes",
+        "vla_recipes.metrics has no NO_SUCH_METRIC",
+        "vla_recipes.distributed has no NO_SUCH_BLOCKS",
     ):
         assert culprit in problems
     for fine in (
