@@ -92,16 +92,13 @@ def _options(help_text: str) -> frozenset[str]:
 def help_flags(script: str) -> frozenset[str] | str:
     """The ``--options`` in ``<script> --help``, run in-process as ``__main__`` (the parser, wherever the script
     builds it, without loading a model); a string when ``--help`` fails."""
-    out, argv = io.StringIO(), sys.argv
-    sys.argv = [script, "--help"]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    out, code = io.StringIO(), "no exit"
+    argv = mock.patch.object(sys, "argv", [script, "--help"])
+    with argv, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
             runpy.run_path(str(ROOT / script), run_name="__main__")
-        code = "no SystemExit"
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = argv
+        except SystemExit as e:
+            code = e.code
     if code not in (0, None):
         return f"`{script} --help` failed ({code}): {out.getvalue()[-300:]}"
     return _options(out.getvalue())
@@ -310,14 +307,15 @@ def check_page(page: Path, text: str) -> list[str]:
             problems += [p for words in commands(code) for p in check_command(words, at)]
         elif lang == "yaml":
             problems += check_yaml(code, at)
-    prose = FENCE.sub(lambda block: "\n" * block.group(0).count("\n"), text)  # same line numbers, no code blocks
+    blank = functools.partial(re.sub, r"[^\n]", " ")  # keeps every offset, so `where` still finds the line
+    prose = FENCE.sub(lambda block: blank(block.group(0)), text)
     for span in INLINE.finditer(prose):
         code, at = span.group(1), where(span.start())
         problems += [p for path in REPO_PATH.findall(code) for p in check_path(path, at)]
         problems += [p for dotted in NAME.findall(code) for p in check_name(dotted, at)]
         if code.startswith(COMMAND_START):
             problems += [p for words in commands(code.replace("\n", " ")) for p in check_command(words, at)]
-    for link in LINK.finditer(INLINE.sub(lambda span: "`" * len(span.group(0)), prose)):
+    for link in LINK.finditer(INLINE.sub(lambda span: blank(span.group(0)), prose)):
         target, at = link.group(1), where(link.start())
         if re.match(r"^[a-z]+:", target):  # https:, mailto:
             continue
