@@ -156,7 +156,7 @@ def test_padded_chunk_steps_leave_the_loss(model, processor) -> None:
 def test_loss_falls_on_synthetic_data(two_camera_root) -> None:
     """The collator and the model of `make demo-oft`, a few Adam steps on one batch of the dataset."""
     from vla_recipes.configs import DataArguments
-    from vla_recipes.data.collators import OpenVLAOFTDataCollator
+    from vla_recipes.data.collators import VLADataCollator
     from vla_recipes.data.lerobot import VLADataset, dataset_norm_stats, load_metadata
 
     data_args = DataArguments(
@@ -168,7 +168,7 @@ def test_loss_falls_on_synthetic_data(two_camera_root) -> None:
     model = tiny_model(action_horizon=2, norm_stats=stats).train()
     dataset = VLADataset(meta, data_args, data_args.camera_keys, [0, 1])
     processor = get_family("openvla_oft").new_processor(model.config, None)
-    collator = OpenVLAOFTDataCollator(processor, stats["local/synthetic_reach"]["action"], "bounds_q99")
+    collator = VLADataCollator(processor)
     batch = collator([dataset[i] for i in range(0, 24, 6)])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []

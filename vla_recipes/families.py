@@ -7,7 +7,6 @@ family means adding one class here; the training script does not change.
 
 from __future__ import annotations
 
-import torch
 from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.utils import PROCESSOR_NAME, cached_file
 
@@ -78,10 +77,6 @@ class Family:
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
         raise NotImplementedError
 
-    def inference_inputs(self, processor, samples: list[dict]) -> dict:
-        """``processor`` outputs for ``VLADataset`` samples, as a user would call it at inference."""
-        raise NotImplementedError
-
     def check_prompts(self, processor, config: PretrainedConfig, tasks: list[str]) -> None:
         """Refuse, before the weights load, a task whose prompt does not fit the model's sequence."""
         raise NotImplementedError
@@ -119,7 +114,7 @@ class OpenVLAFamily(Family):
 
     def new_processor(self, config, tokenizer_name_or_path):
         from vla_recipes.models.char_tokenizer import build_llama_like_tokenizer
-        from vla_recipes.models.openvla import OpenVLAImageProcessor, OpenVLAProcessor
+        from vla_recipes.models.openvla import OpenVLAProcessor
 
         tokenizer = (
             AutoTokenizer.from_pretrained(tokenizer_name_or_path)
@@ -128,7 +123,7 @@ class OpenVLAFamily(Family):
                 config.n_action_bins, vocab_size=config.text_config.vocab_size - config.pad_to_multiple_of
             )
         )
-        return OpenVLAProcessor(image_processor=OpenVLAImageProcessor.for_model(config), tokenizer=tokenizer)
+        return OpenVLAProcessor.from_model_config(config, tokenizer)
 
     def configure(self, config, data_args, camera_keys, **fields) -> None:
         """OpenVLA sees one image and no state (so no relative actions: there is no state to add back)."""
@@ -140,9 +135,6 @@ class OpenVLAFamily(Family):
                 "turned back at inference); drop relative_actions, or train pi0.5 / pi0"
             )
         super().configure(config, data_args, camera_keys, **fields)
-
-    def inference_inputs(self, processor, samples: list[dict]) -> dict:
-        return processor(images=[s["images"][0] for s in samples], text=[s["task"] for s in samples])
 
     beside_prompt = "the image and actions"  # what else the sequence holds, for the error
 
@@ -164,8 +156,7 @@ class OpenVLAFamily(Family):
                 raise self._too_long(task, tokens, limit, "shorten the task, or lower action_horizon")
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
-        from vla_recipes.data.collators import OpenVLADataCollator
-        from vla_recipes.data.normalize import select_stats
+        from vla_recipes.data.collators import VLADataCollator
         from vla_recipes.models.openvla import ActionTokenizer
         from vla_recipes.trainers.openvla import OpenVLATrainer
 
@@ -177,13 +168,8 @@ class OpenVLAFamily(Family):
                 f"the tokenizer's vocab_size ({action_tokenizer.vocab_size}) does not match the model's "
                 f"text_config.vocab_size - pad_to_multiple_of ({expected}): action tokens would be misread"
             )
-        collator = OpenVLADataCollator(
-            processor=processor,
-            action_tokenizer=action_tokenizer,
-            action_stats=select_stats(config.norm_stats, getattr(config, "default_unnorm_key", None))["action"],
-            norm_mode=config.norm_mode,
-            norm_stats=config.norm_stats,
-        )
+        processor.set_model_config(config)  # the run's statistics
+        collator = VLADataCollator(processor)
         return OpenVLATrainer(
             model=model,
             args=args,
@@ -228,18 +214,13 @@ class OpenVLAOFTFamily(OpenVLAFamily):
     def new_processor(self, config, tokenizer_name_or_path):
         from vla_recipes.models.openvla_oft import OpenVLAOFTProcessor
 
-        openvla = super().new_processor(config, tokenizer_name_or_path)
-        return OpenVLAOFTProcessor(image_processor=openvla.image_processor, tokenizer=openvla.tokenizer)
+        tokenizer = super().new_processor(config, tokenizer_name_or_path).tokenizer
+        return OpenVLAOFTProcessor.from_model_config(config, tokenizer)
 
     def configure(self, config, data_args, camera_keys, **fields) -> None:
         """Every camera goes through the fused backbone; the state (when ``state_key`` is set) is one token."""
         config.num_images, config.state_dim = len(camera_keys), fields["state_dim"]
         Family.configure(self, config, data_args, camera_keys, **fields)
-
-    def inference_inputs(self, processor, samples: list[dict]) -> dict:
-        states = [s["state"] for s in samples]
-        state = torch.stack(states) if all(x is not None for x in states) else None
-        return processor(images=[s["images"] for s in samples], text=[s["task"] for s in samples], state=state)
 
     beside_prompt = "the images and actions"
 
@@ -248,16 +229,11 @@ class OpenVLAOFTFamily(OpenVLAFamily):
         return config.num_images * config.num_patches + (1 if config.state_dim else 0) + config.num_action_tokens
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
-        from vla_recipes.data.collators import OpenVLAOFTDataCollator
-        from vla_recipes.data.normalize import select_stats
+        from vla_recipes.data.collators import VLADataCollator
         from vla_recipes.trainers.openvla_oft import OpenVLAOFTTrainer
 
-        config = model.config
-        collator = OpenVLAOFTDataCollator(
-            processor=processor,
-            action_stats=select_stats(config.norm_stats, None)["action"],
-            norm_mode=config.norm_mode,
-        )
+        processor.set_model_config(model.config)  # the run's statistics (a mixture's samples each use theirs)
+        collator = VLADataCollator(processor)
         return OpenVLAOFTTrainer(
             model=model,
             args=args,
@@ -313,10 +289,7 @@ class Pi05Family(Family):
         )
         if has_processor:
             processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-            processor.norm_stats, processor.norm_mode = config.norm_stats, config.norm_mode
-            processor.relative_action_mask = getattr(config, "relative_action_mask", None)
-            processor.default_unnorm_key = getattr(config, "default_unnorm_key", None)
-            processor.image_processor.camera_keys = list(config.camera_keys)
+            processor.set_model_config(config)  # the run's statistics and cameras, not the base model's
             return processor
         tokenizer = model_args.tokenizer_name_or_path or (self.default_tokenizer if path is not None else None)
         return self.new_processor(config, tokenizer)
@@ -331,10 +304,6 @@ class Pi05Family(Family):
             else build_gemma_like_tokenizer()
         )
         return Pi05Processor.from_model_config(config, tokenizer)
-
-    def inference_inputs(self, processor, samples: list[dict]) -> dict:
-        state = torch.stack([s["state"] for s in samples])
-        return processor(images=[s["images"] for s in samples], text=[s["task"] for s in samples], state=state)
 
     def check_prompts(self, processor, config, tasks: list[str]) -> None:
         """The processor refuses a prompt over ``tokenizer_max_length`` (cut, it would lose the state and the
@@ -352,15 +321,20 @@ class Pi05Family(Family):
                 raise self._too_long(task, tokens, limit, "shorten the task, or raise tokenizer_max_length")
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
-        from vla_recipes.data.collators import FlowMatchingDataCollator
+        from functools import partial
+
+        from vla_recipes.data.collators import VLADataCollator
+        from vla_recipes.models.pi05.flow_matching import seeded_noise_and_time
         from vla_recipes.trainers.flow_matching import FlowMatchingTrainer
 
+        processor.set_model_config(model.config)  # the run's statistics
+        collator = VLADataCollator(processor, seeded_draws=partial(seeded_noise_and_time, model.config))
         return FlowMatchingTrainer(
             model=model,
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=FlowMatchingDataCollator(processor, config=model.config),
+            data_collator=collator,
             processing_class=processor,
         )
 
