@@ -429,6 +429,8 @@ def lerobot_row(data: Data, folder: Path, device: Device, batch: int, steps: int
 
 def latency_rows(recipe: str, base: Path, data: Data, folder: Path, device: Device, repeats: int) -> dict:
     """ms per ``predict_action`` call at each of LATENCY_BATCHES, on the bf16 model as a deployment loads it."""
+    from vla_recipes.data.collators import observations
+
     model_type = recipe.split("/")[0]
     model_args, _, _ = recipe_args(recipe, base, data, folder / "latency", device, 1, 0, False)
     model_args.finetune_mode = "full"  # the plain model, as a fine-tuned (or merged) checkpoint loads
@@ -436,7 +438,7 @@ def latency_rows(recipe: str, base: Path, data: Data, folder: Path, device: Devi
     model.to(device.type).eval()
     figures = {}
     for batch in LATENCY_BATCHES:
-        inputs = family.inference_inputs(processor, data.samples[:batch]).to(device.type)
+        inputs = processor(**observations(data.samples[:batch])).to(device.type)
         with torch.inference_mode():
             model.predict_action(**inputs)  # warm-up: kernels, allocator
             times = []

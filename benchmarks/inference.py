@@ -22,14 +22,16 @@ from pathlib import Path
 import torch
 from _common import best_cpu_time, build_model, machine, print_table, synthetic_data
 
+from vla_recipes.data.collators import observations
+
 GOAL = 3.0
 OFT_GOAL = 10.0
 
 
 def throughput(model, processor, family, samples: list[dict], repeats: int) -> tuple[float, float]:
     """Observations per CPU second: one call on all ``samples``, and one call per sample."""
-    batched = family.inference_inputs(processor, samples)
-    singles = [family.inference_inputs(processor, [sample]) for sample in samples]
+    batched = processor(**observations(samples))
+    singles = [processor(**observations([sample])) for sample in samples]
     batch_time = best_cpu_time(lambda: model.predict_action(**batched), repeats)
     single_time = best_cpu_time(lambda: [model.predict_action(**inputs) for inputs in singles], repeats)
     return len(samples) / batch_time, len(samples) / single_time
@@ -37,7 +39,7 @@ def throughput(model, processor, family, samples: list[dict], repeats: int) -> t
 
 def actions_per_second(model, processor, family, samples: list[dict], repeats: int) -> float:
     """Actions (chunk steps) per CPU second of one batched ``predict_action`` call."""
-    inputs = family.inference_inputs(processor, samples)
+    inputs = processor(**observations(samples))
     return len(samples) * model.config.action_horizon / best_cpu_time(lambda: model.predict_action(**inputs), repeats)
 
 
@@ -75,7 +77,7 @@ def profile(model, processor, family, samples: list[dict]) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    inputs = family.inference_inputs(processor, samples)
+    inputs = processor(**observations(samples))
     model.predict_action(**inputs)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         model.predict_action(**inputs)

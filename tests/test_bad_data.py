@@ -214,15 +214,16 @@ def processors():
     """The demo models' processors (OpenVLA; pi0.5 on identity normalisation, 8-dim state)."""
     from transformers import AutoConfig
 
+    from vla_recipes.data.normalize import Normalizer
     from vla_recipes.families import get_family
     from vla_recipes.models.char_tokenizer import build_gemma_like_tokenizer
     from vla_recipes.models.pi05 import Pi05ImageProcessor, Pi05Processor
 
     openvla = get_family("openvla").new_processor(AutoConfig.for_model(**DEMOS["openvla"]["model_config"]), None)
     pi05 = Pi05Processor(
-        Pi05ImageProcessor(image_size=32, camera_keys=[CAMERA]), build_gemma_like_tokenizer(), max_length=64,
-        norm_mode="identity",
-    )  # fmt: skip
+        Pi05ImageProcessor(image_size=32, camera_keys=[CAMERA]), build_gemma_like_tokenizer(), max_length=64
+    )
+    pi05.normalizer = Normalizer("identity")
     return openvla, pi05
 
 

@@ -1,4 +1,4 @@
-"""OpenVLADataCollator: the reference's token sequence, labels only on action tokens + EOS, right padding."""
+"""VLADataCollator on OpenVLA: the reference's token sequence, labels only on action tokens + EOS, right padding."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from vla_recipes.data.collators import IGNORE_INDEX, OpenVLADataCollator
-from vla_recipes.data.normalize import normalize
+from vla_recipes.data.collators import VLADataCollator
+from vla_recipes.data.normalize import Normalizer, normalize
 from vla_recipes.models.char_tokenizer import build_llama_like_tokenizer
 from vla_recipes.models.openvla import ActionTokenizer, OpenVLAImageProcessor, OpenVLAProcessor, build_prompt
+from vla_recipes.models.openvla.processing_openvla import IGNORE_INDEX
 
 STATS = {
     "q01": [-1.0, -0.5, 0.0],
@@ -21,10 +22,16 @@ STATS = {
 
 
 @pytest.fixture(scope="module")
-def collator() -> OpenVLADataCollator:
+def collator() -> VLADataCollator:
     tokenizer = build_llama_like_tokenizer()
     processor = OpenVLAProcessor(image_processor=OpenVLAImageProcessor(image_size=28), tokenizer=tokenizer)
-    return OpenVLADataCollator(processor, ActionTokenizer(tokenizer), STATS, "bounds_q99")
+    processor.normalizer = Normalizer("bounds_q99", {"dataset": {"action": STATS}})
+    return VLADataCollator(processor)
+
+
+@pytest.fixture(scope="module")
+def action_tokenizer(collator) -> ActionTokenizer:
+    return ActionTokenizer(collator.processor.tokenizer)
 
 
 def sample(task: str, actions: list[list[float]], is_pad: list[bool] | None = None) -> dict:
@@ -38,9 +45,11 @@ def sample(task: str, actions: list[list[float]], is_pad: list[bool] | None = No
     }
 
 
-def reference_sequence(collator: OpenVLADataCollator, task: str, action: np.ndarray) -> tuple[list[int], list[int]]:
+def reference_sequence(
+    collator: VLADataCollator, action_tokenizer: ActionTokenizer, task: str, action: np.ndarray
+) -> tuple[list[int], list[int]]:
     """OpenVLA's RLDSBatchTransform: tokenise prompt + action string + '</s>', mask all but the last D+1."""
-    tokenizer, action_tokenizer = collator.processor.tokenizer, collator.action_tokenizer
+    tokenizer = collator.processor.tokenizer
     normalized = normalize(action, STATS, "bounds_q99")
     ids = tokenizer(build_prompt(task) + action_tokenizer(normalized) + "</s>", add_special_tokens=True).input_ids
     labels = list(ids)
@@ -48,13 +57,13 @@ def reference_sequence(collator: OpenVLADataCollator, task: str, action: np.ndar
     return ids, labels
 
 
-def test_matches_reference_tokenization_and_masking(collator):
+def test_matches_reference_tokenization_and_masking(collator, action_tokenizer):
     actions = [[[0.3, -0.2, 1.0]], [[-1.5, 0.49, 0.0]]]
     tasks = ["Pick up the bowl", "open the top drawer of the cabinet"]
     batch = collator([sample(t, a) for t, a in zip(tasks, actions, strict=True)])
     assert batch["pixel_values"].shape == (2, 6, 28, 28)
     for row, (task, action) in enumerate(zip(tasks, actions, strict=True)):
-        ids, labels = reference_sequence(collator, task, np.array(action[0]))
+        ids, labels = reference_sequence(collator, action_tokenizer, task, np.array(action[0]))
         n = len(ids)
         assert batch["input_ids"][row, :n].tolist() == ids
         assert batch["labels"][row, :n].tolist() == labels
@@ -67,19 +76,44 @@ def test_matches_reference_tokenization_and_masking(collator):
     assert (batch["labels"] != IGNORE_INDEX).sum(1).tolist() == [4, 4]
 
 
-def test_gripper_is_not_normalised_and_ids_are_action_tokens(collator):
+def test_gripper_is_not_normalised_and_ids_are_action_tokens(collator, action_tokenizer):
     batch = collator([sample("go", [[0.0, 0.0, 1.0]])])
     action_ids = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX][:-1]
-    begin = collator.action_tokenizer.action_token_begin_idx
+    begin = action_tokenizer.action_token_begin_idx
     assert (action_ids > begin).all()
-    decoded = collator.action_tokenizer.decode_token_ids_to_actions(action_ids.numpy())
+    decoded = action_tokenizer.decode_token_ids_to_actions(action_ids.numpy())
     assert decoded[2] == pytest.approx(1.0, abs=1 / 255)  # the raw gripper value, as OpenVLA's mask leaves it
     assert decoded[0] == pytest.approx(0.0, abs=1 / 255)  # the middle of [q01, q99] -> 0
 
 
-def test_chunk_steps_padded_past_the_episode_carry_no_loss(collator):
+def test_chunk_steps_padded_past_the_episode_carry_no_loss(collator, action_tokenizer):
     batch = collator([sample("go", [[0.1, 0.1, 0.0], [0.2, 0.2, 1.0], [0.2, 0.2, 1.0]], [False, False, True])])
     labelled = batch["labels"][0] != IGNORE_INDEX
     assert labelled.sum() == 2 * 3 + 1  # two real steps of 3 dims + EOS
     # the padded step is still in the input sequence (teacher forcing stays aligned)
-    assert (batch["input_ids"][0] > collator.action_tokenizer.action_token_begin_idx).sum() == 9
+    assert (batch["input_ids"][0] > action_tokenizer.action_token_begin_idx).sum() == 9
+
+
+def test_a_mixture_batch_normalises_each_sample_with_its_dataset_statistics():
+    """OpenVLA-OFT on a `datasets:` mixture: actions and state of each sample use their own dataset's statistics
+    (the collator once took one dataset's for every sample, and a mixture failed), as each dataset alone would."""
+    from vla_recipes.models.openvla_oft import OpenVLAOFTProcessor
+
+    def bounds(low: float, high: float, dim: int) -> dict:
+        return {"q01": [low] * dim, "q99": [high] * dim, "min": [low] * dim, "max": [high] * dim}
+
+    norm_stats = {
+        name: {"action": bounds(low, high, 3), "proprio": bounds(low, high, 2)}
+        for name, (low, high) in {"near": (-1.0, 1.0), "far": (0.0, 10.0)}.items()
+    }
+    processor = OpenVLAOFTProcessor(OpenVLAImageProcessor(image_size=28), build_llama_like_tokenizer())
+    processor.normalizer = Normalizer("bounds_q99", norm_stats, default_unnorm_key="far")
+    samples = [sample("go", [[0.5, 0.5, 0.5]]) | {"state": torch.full((2,), 0.5), "dataset": d} for d in norm_stats]
+    batch = VLADataCollator(processor)(samples)
+    for row, name in enumerate(norm_stats):
+        alone = VLADataCollator(processor)([samples[row]])
+        assert torch.equal(batch["actions"][row], alone["actions"][0])
+        assert torch.equal(batch["state"][row], alone["state"][0])
+        expected = normalize(np.full(3, 0.5), norm_stats[name]["action"], "bounds_q99")
+        np.testing.assert_allclose(batch["actions"][row, 0].numpy(), expected, rtol=1e-6)
+    assert not torch.equal(batch["actions"][0], batch["actions"][1])

@@ -354,20 +354,24 @@ def test_flow_matching_draws_depend_on_the_sample_only():
     is left as it was (so nothing else shifts)."""
     import torch
 
-    from vla_recipes.data.collators import FlowMatchingDataCollator
     from vla_recipes.data.lerobot import sample_seed
+    from vla_recipes.models.pi05.flow_matching import seeded_noise_and_time
 
     config = tiny_model("pi05").config
-    collator = FlowMatchingDataCollator(processor=None, config=config)
+
+    def noise_and_time(seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        draws = seeded_noise_and_time(config, seeds)
+        return draws["noise"], draws["time"]
+
     seeds = [sample_seed(0, 0, index, stream=1) for index in range(8)]
     state = torch.random.get_rng_state()
-    noise, time = collator.noise_and_time(seeds)
+    noise, time = noise_and_time(seeds)
     assert torch.equal(torch.random.get_rng_state(), state)
-    (noise_a, time_a), (noise_b, time_b) = collator.noise_and_time(seeds[:4]), collator.noise_and_time(seeds[4:])
+    (noise_a, time_a), (noise_b, time_b) = noise_and_time(seeds[:4]), noise_and_time(seeds[4:])
     assert torch.equal(noise, torch.cat([noise_a, noise_b])) and torch.equal(time, torch.cat([time_a, time_b]))
     assert noise.shape == (8, config.action_horizon, config.max_action_dim) and len(set(time.tolist())) == 8
     assert config.time_offset <= time.min() and time.max() <= config.time_offset + config.time_scale
-    next_epoch, _ = collator.noise_and_time([sample_seed(0, 1, index, stream=1) for index in range(8)])
+    next_epoch, _ = noise_and_time([sample_seed(0, 1, index, stream=1) for index in range(8)])
     assert not torch.equal(next_epoch, noise)
 
 

@@ -37,7 +37,8 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import ModelOutput
 
-from vla_recipes.data.normalize import normalize, select_stats, unnormalize
+from vla_recipes.data.collators import VLADataCollator
+from vla_recipes.data.normalize import Normalizer
 from vla_recipes.families import (
     Family,
     FamilyDeclarationError,
@@ -138,8 +139,8 @@ class ToyForActionPrediction(AdapterFolderMixin, PreTrainedModel):
     @torch.no_grad()
     def predict_action(self, pixel_values, input_ids, attention_mask, state=None, unnorm_key=None) -> torch.Tensor:
         """The action chunk [B, horizon, action_dim] in the dataset's units (``config.norm_stats``)."""
-        stats = select_stats(self.config.norm_stats, unnorm_key or self.config.default_unnorm_key)["action"]
-        return unnormalize(self.predict_chunk(pixel_values, input_ids, attention_mask, state), stats, "mean_std")
+        normalized = self.predict_chunk(pixel_values, input_ids, attention_mask, state)
+        return Normalizer.from_config(self.config).actions_from_model(normalized, None, unnorm_key)
 
 
 class ToyImageProcessor(BaseImageProcessor):
@@ -163,37 +164,34 @@ class ToyImageProcessor(BaseImageProcessor):
 
 
 class ToyProcessor(ProcessorMixin):
-    """The one processor call shape: images per camera, task text, optional state."""
+    """The one processor call shape (images per camera, task text, optional state, and for training the raw action
+    chunks); it owns normalisation, with the statistics of the model config (:class:`Normalizer`)."""
 
     def __init__(self, image_processor: ToyImageProcessor | None = None, tokenizer=None) -> None:
         super().__init__(image_processor=image_processor, tokenizer=tokenizer)
+        self.normalizer: Normalizer | None = None
 
-    def __call__(self, images=None, text=None, state=None, **kwargs: Any) -> BatchFeature:
+    def set_model_config(self, config: ToyConfig) -> None:
+        self.normalizer = Normalizer.from_config(config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs: Any) -> ToyProcessor:
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        processor.set_model_config(ToyConfig.from_pretrained(pretrained_model_name_or_path))
+        return processor
+
+    def __call__(
+        self, images=None, text=None, state=None, actions=None, action_is_pad=None, unnorm_key=None
+    ) -> BatchFeature:
         inputs = dict(self.image_processor(images))
         inputs |= dict(self.tokenizer(text, padding=True, return_tensors="pt"))
         inputs.pop("token_type_ids", None)
         if state is not None:
-            inputs["state"] = torch.as_tensor(state).float()
+            inputs["state"] = self.normalizer.normalize(torch.as_tensor(state).float(), "proprio", unnorm_key)
+        if actions is not None:
+            inputs["actions"] = self.normalizer.actions_to_model(torch.as_tensor(actions).float(), state, unnorm_key)
+            inputs["action_is_pad"] = torch.as_tensor(action_is_pad)
         return BatchFeature(inputs)
-
-
-@dataclass
-class ToyCollator:
-    """Processor outputs plus the action chunk normalised with the model's statistics, the regression target."""
-
-    processor: ToyProcessor
-    action_stats: dict
-    norm_mode: str
-
-    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        state = torch.stack([s["state"] for s in samples]) if samples[0].get("state") is not None else None
-        inputs = self.processor(images=[s["images"] for s in samples], text=[s["task"] for s in samples], state=state)
-        actions = normalize(torch.stack([s["actions"] for s in samples]).double(), self.action_stats, self.norm_mode)
-        return {
-            **inputs,
-            "actions": actions.float(),
-            "action_is_pad": torch.stack([s["action_is_pad"] for s in samples]),
-        }
 
 
 @register_family
@@ -218,15 +216,13 @@ class ToyFamily(Family):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path) if tokenizer_name_or_path else None
-        return ToyProcessor(ToyImageProcessor(config.image_size), tokenizer or self.offline_tokenizer(config))
+        processor = ToyProcessor(ToyImageProcessor(config.image_size), tokenizer or self.offline_tokenizer(config))
+        processor.set_model_config(config)
+        return processor
 
     def configure(self, config, data_args, camera_keys, **fields) -> None:
         config.state_dim = fields["state_dim"]
         super().configure(config, data_args, camera_keys, **fields)
-
-    def inference_inputs(self, processor, samples):
-        state = torch.stack([s["state"] for s in samples]) if samples[0].get("state") is not None else None
-        return processor(images=[s["images"] for s in samples], text=[s["task"] for s in samples], state=state)
 
     def check_prompts(self, processor, config, tasks) -> None:
         """Mean-pooled characters: a task of any length fits."""
@@ -234,13 +230,13 @@ class ToyFamily(Family):
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset):
         from vla_recipes.trainers.base import VLATrainer
 
-        stats = select_stats(model.config.norm_stats, model.config.default_unnorm_key)["action"]
+        processor.set_model_config(model.config)  # the run's statistics
         return VLATrainer(
             model=model,
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=ToyCollator(processor, stats, model.config.norm_mode),
+            data_collator=VLADataCollator(processor),
             processing_class=processor,
         )
 

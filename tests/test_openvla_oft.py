@@ -156,7 +156,7 @@ def test_padded_chunk_steps_leave_the_loss(model, processor) -> None:
 def test_loss_falls_on_synthetic_data(two_camera_root) -> None:
     """The collator and the model of `make demo-oft`, a few Adam steps on one batch of the dataset."""
     from vla_recipes.configs import DataArguments
-    from vla_recipes.data.collators import OpenVLAOFTDataCollator
+    from vla_recipes.data.collators import VLADataCollator
     from vla_recipes.data.lerobot import VLADataset, dataset_norm_stats, load_metadata
 
     data_args = DataArguments(
@@ -168,7 +168,7 @@ def test_loss_falls_on_synthetic_data(two_camera_root) -> None:
     model = tiny_model(action_horizon=2, norm_stats=stats).train()
     dataset = VLADataset(meta, data_args, data_args.camera_keys, [0, 1])
     processor = get_family("openvla_oft").new_processor(model.config, None)
-    collator = OpenVLAOFTDataCollator(processor, stats["local/synthetic_reach"]["action"], "bounds_q99")
+    collator = VLADataCollator(processor)
     batch = collator([dataset[i] for i in range(0, 24, 6)])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
@@ -369,3 +369,41 @@ def test_qlora_quantises_the_vla_and_trains_the_float_heads(tmp_path: Path) -> N
     out.loss.backward()
     grads = {n for n, p in peft.named_parameters() if p.grad is not None}
     assert any("action_head" in n for n in grads) and any("lora_A" in n for n in grads)
+
+
+def test_a_mixture_trains_with_each_datasets_statistics(tmp_path) -> None:
+    """`datasets:` with OpenVLA-OFT: make_trainer once took a single dataset's statistics and failed on a mixture;
+    now each sample's actions are normalised with its own dataset's, and the loss is finite."""
+    from vla_recipes.configs import VLATrainingArguments
+    from vla_recipes.models.openvla_oft.processing_openvla_oft import OpenVLAOFTProcessor
+
+    mixture = {"libero": norm_stats()["libero"], "other": norm_stats(7, 8)["libero"]}
+    mixture["other"]["action"] = {
+        k: [2 * x for x in v] if k != "mask" else v for k, v in mixture["other"]["action"].items()
+    }
+    model = tiny_model(action_horizon=2, norm_stats=mixture, default_unnorm_key="libero").train()
+    family = get_family("openvla_oft")
+    processor = family.new_processor(model.config, None)
+    args = VLATrainingArguments(output_dir=str(tmp_path), report_to="none", remove_unused_columns=False)
+    trainer = family.make_trainer(model=model, args=args, processor=processor, train_dataset=[], eval_dataset=None)
+    inputs = robot_inputs(n=2)
+    samples = [
+        {
+            "images": images,
+            "task": task,
+            "state": state,
+            "actions": torch.ones(2, 7),
+            "action_is_pad": torch.zeros(2, dtype=torch.bool),
+            "dataset": name,
+        }
+        for images, task, state, name in zip(inputs["images"], inputs["text"], inputs["state"], mixture, strict=True)
+    ]
+    batch = trainer.data_collator(samples)
+    assert isinstance(trainer.processing_class, OpenVLAOFTProcessor)
+    for row, name in enumerate(mixture):
+        expected = processor(
+            **{k: v[row : row + 1] for k, v in inputs.items()}, actions=torch.ones(1, 2, 7), unnorm_key=name
+        )
+        assert torch.equal(batch["actions"][row], expected["actions"][0])
+    assert not torch.equal(batch["actions"][0], batch["actions"][1])
+    assert torch.isfinite(model(**batch).loss)

@@ -129,7 +129,7 @@ def test_matches_lerobot(lerobot_run: LeRobotRun, attn: str, monkeypatch) -> Non
     assert model.config.norm_stats[LEROBOT_STATS_KEY]["action"]["q01"] == raw["stats"]["action"]["q01"].tolist()
     processor = Pi05Processor.from_model_config(model.config, build_gemma_like_tokenizer())
     inputs = processor(images=raw["images"], text=raw["tasks"], state=raw["state"])
-    actions = processor.normalize_actions(raw["actions"])
+    actions = processor(images=raw["images"], text=raw["tasks"], state=raw["state"], actions=raw["actions"])["actions"]
 
     # Pre-processing: tokens exactly, images, state and actions to float rounding.
     assert torch.equal(inputs["input_ids"], batch["observation.language.tokens"])

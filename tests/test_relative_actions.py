@@ -12,7 +12,7 @@ from cli import DEMOS, load_script
 
 from vla_recipes.configs import DataArguments, RecipeError
 from vla_recipes.data.lerobot import dataset_norm_stats, load_metadata, relative_action_mask
-from vla_recipes.data.relative_actions import default_relative_mask, to_absolute, to_relative
+from vla_recipes.data.normalize import default_relative_mask, to_absolute, to_relative
 from vla_recipes.models.pi05.lerobot_format import pi05_kwargs_from_lerobot
 
 REPO = "local/synthetic_reach"

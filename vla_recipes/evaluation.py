@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vla_recipes.configs import DataArguments, RecipeError
+from vla_recipes.data.collators import observations
 from vla_recipes.data.frame_cache import frame_resize_for
 from vla_recipes.data.lerobot import VLADataset, check_episodes, load_metadata
 from vla_recipes.data.normalize import normalize, select_stats
@@ -185,7 +186,7 @@ def predict_open_loop(model, processor, dataset, batch_size: int = 16, num_worke
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
     predicted, target, is_pad, predicted_ids = [], [], [], []
     for samples in loader:
-        inputs = _on_device(family.inference_inputs(processor, samples), model.device)
+        inputs = _on_device(processor(**observations(samples)), model.device)
         if family.decodes_action_tokens:
             ids = model.generate_action_ids(**inputs)
             actions = model.actions_from_ids(ids)
@@ -302,7 +303,6 @@ class ChunkedPolicy(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.model, self.processor = model, processor
-        self.family = get_family(model.config.model_type)
         self.camera_map = camera_map  # model camera key -> observation key
         self.n_action_steps = n_action_steps or model.config.action_horizon
         if not 1 <= self.n_action_steps <= model.config.action_horizon:
@@ -337,7 +337,7 @@ class ChunkedPolicy(torch.nn.Module):
 
     def predict_samples(self, samples: list[dict]) -> torch.Tensor:
         """The model's batched call on samples ``{"images": [one per camera_map entry], "state", "task"}``."""
-        inputs = _on_device(self.family.inference_inputs(self.processor, samples), self.model.device)
+        inputs = _on_device(self.processor(**observations(samples)), self.model.device)
         return self.model.predict_action(**inputs).float().cpu()
 
     @torch.no_grad()

@@ -56,7 +56,6 @@ class Family:
         "offline_tokenizer",
         "new_processor",
         "make_trainer",
-        "inference_inputs",
         "check_prompts",
     )
 
@@ -154,10 +153,6 @@ class Family:
         config.norm_mode, config.norm_stats = norm_mode, norm_stats
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
-        raise NotImplementedError
-
-    def inference_inputs(self, processor, samples: list[dict]) -> dict:
-        """``processor`` outputs for ``VLADataset`` samples, as a user would call it at inference."""
         raise NotImplementedError
 
     def check_prompts(self, processor, config: PretrainedConfig, tasks: list[str]) -> None:

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from vla_recipes.configs import DataArguments, RecipeError, parse_episodes
 from vla_recipes.data.dataset_files import damaged_metadata, fetch_missing
 from vla_recipes.data.frame_cache import FrameResize, open_frame_cache
-from vla_recipes.data.relative_actions import default_relative_mask
+from vla_recipes.data.normalize import default_relative_mask
 from vla_recipes.data.state_selection import feature_dim, state_selection
 from vla_recipes.data.stats import column_values, data_files, episode_table, norm_stats_entry
 

@@ -256,7 +256,7 @@ def _read_relative_actions(
     state[t] on the dims of ``mask`` (``relative_actions``). An episode lies in one data file, rows in frame order."""
     import pyarrow.parquet as pq
 
-    from vla_recipes.data.relative_actions import to_relative
+    from vla_recipes.data.normalize import to_relative
 
     action_key, state_key, horizon = data_args.action_key, data_args.state_key, data_args.action_horizon
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vla_recipes.families import get_family
+from vla_recipes.data.collators import observations
 from vla_recipes.serving.observation import ObservationSpec, Request
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ class ServedPolicy:
 
     def __init__(self, model: Any, processor: Any, spec: ObservationSpec, seed: int | None = None) -> None:
         self.model, self.processor, self.spec = model, processor, spec
-        self.family = get_family(model.config.model_type)
         self.takes_noise = "noise" in inspect.signature(model.predict_action).parameters
         self._seeds = np.random.default_rng(seed)
 
@@ -63,7 +62,7 @@ class ServedPolicy:
             {"images": r.images, "task": r.task, "state": None if r.state is None else torch.tensor(r.state)}
             for r in requests
         ]
-        inputs = self.family.inference_inputs(self.processor, samples).to(self.model.device)
+        inputs = self.processor(**observations(samples)).to(self.model.device)
         if self.takes_noise:
             seeds = [r.seed if r.seed is not None else int(self._seeds.integers(2**63)) for r in requests]
             inputs["noise"] = torch.stack([seeded_noise(self.model.config, s) for s in seeds]).to(self.model.device)

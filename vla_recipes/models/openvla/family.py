@@ -53,7 +53,7 @@ class OpenVLAFamily(Family):
             if tokenizer_name_or_path
             else self.offline_tokenizer(config)
         )
-        return OpenVLAProcessor(image_processor=OpenVLAImageProcessor.for_model(config), tokenizer=tokenizer)
+        return OpenVLAProcessor.from_model_config(config, tokenizer)
 
     def configure(self, config, data_args, camera_keys, **fields) -> None:
         """OpenVLA sees one image and no state (so no relative actions: there is no state to add back)."""
@@ -67,9 +67,6 @@ class OpenVLAFamily(Family):
                 "turned back at inference); drop relative_actions, or train pi0.5 / pi0"
             )
         super().configure(config, data_args, camera_keys, **fields)
-
-    def inference_inputs(self, processor, samples: list[dict]) -> dict:
-        return processor(images=[s["images"][0] for s in samples], text=[s["task"] for s in samples])
 
     beside_prompt = "the image and actions"  # what else the sequence holds, for the error
 
@@ -90,8 +87,7 @@ class OpenVLAFamily(Family):
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset):
         from vla_recipes.configs import RecipeError
-        from vla_recipes.data.collators import OpenVLADataCollator
-        from vla_recipes.data.normalize import select_stats
+        from vla_recipes.data.collators import VLADataCollator
 
         from .trainer import OpenVLATrainer
 
@@ -103,13 +99,8 @@ class OpenVLAFamily(Family):
                 f"the tokenizer's vocab_size ({action_tokenizer.vocab_size}) does not match the model's "
                 f"text_config.vocab_size - pad_to_multiple_of ({expected}): action tokens would be misread"
             )
-        collator = OpenVLADataCollator(
-            processor=processor,
-            action_tokenizer=action_tokenizer,
-            action_stats=select_stats(config.norm_stats, getattr(config, "default_unnorm_key", None))["action"],
-            norm_mode=config.norm_mode,
-            norm_stats=config.norm_stats,
-        )
+        processor.set_model_config(config)  # the run's statistics
+        collator = VLADataCollator(processor)
         return OpenVLATrainer(
             model=model,
             args=args,

@@ -22,7 +22,7 @@ from transformers import initialization as init
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ...data.normalize import REQUIRED_STATS, check_stats, select_stats, unnormalize
+from ...data.normalize import Normalizer
 from ..adapters import AdapterFolderMixin
 from .action_tokenizer import decode_action_ids
 from .configuration_openvla import OpenVLAConfig
@@ -298,22 +298,19 @@ class OpenVLAForActionPrediction(AdapterFolderMixin, PreTrainedModel):
         ids = self.generate_action_ids(input_ids, attention_mask, pixel_values, **generate_kwargs)
         return self.actions_from_ids(ids, unnorm_key)
 
+    @property
+    def normalizer(self) -> Normalizer:
+        """The config's statistics, as the processor reads them: predicted actions go back to dataset units here."""
+        return Normalizer.from_config(self.config)
+
     def _action_stats(self, unnorm_key: str | None) -> dict:
-        if not self.config.norm_stats:
-            raise ValueError("config.norm_stats is empty: save the dataset statistics into the model's config")
-        unnorm_key = unnorm_key or getattr(self.config, "default_unnorm_key", None)  # a mixture's heaviest dataset
-        stats = select_stats(self.config.norm_stats, unnorm_key)["action"]
-        check_stats(stats, self.config.norm_mode, "action")
-        dims = {len(value) for key, value in stats.items() if key in REQUIRED_STATS[self.config.norm_mode]}
-        if dims - {self.config.action_dim}:
-            raise ValueError(f"norm_stats hold {dims}-D actions but config.action_dim={self.config.action_dim}")
-        return stats
+        """The action statistics ``predict_action`` will use, checked (a bad config fails before the forward)."""
+        return self.normalizer.stats("action", unnorm_key, self.config.action_dim)
 
     def actions_from_ids(self, ids: torch.Tensor, unnorm_key: str | None = None) -> torch.Tensor:
         """``generate_action_ids`` output -> ``predict_action`` output (evaluation scores the tokens and the
         actions of one generation)."""
-        stats = self._action_stats(unnorm_key)
         ids_np = ids.reshape(ids.shape[0], self.config.action_horizon, self.config.action_dim).cpu().numpy()
         normalized = decode_action_ids(ids_np, self.config.tokenizer_vocab_size, self.config.n_action_bins)
-        actions = unnormalize(normalized, stats, self.config.norm_mode)
+        actions = self.normalizer.unnormalize(normalized, "action", unnorm_key)
         return torch.as_tensor(actions, dtype=torch.float32, device=ids.device)

@@ -1,4 +1,5 @@
-"""OpenVLA's image processor and processor (instruction -> prompt -> token ids; image -> pixel_values).
+"""OpenVLA's image processor and processor (instruction -> prompt -> token ids; image -> pixel_values; for training,
+action chunks -> normalised -> action tokens and labels).
 
 Images follow ``prismatic/extern/hf/processing_prismatic.py`` ("resize-naive"): a PIL bicubic resize to a square
 (no aspect kept), ``[0, 1]``, then each backbone's mean/std (DINOv2, then SigLIP), stacked on channels.
@@ -15,15 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers import AutoTokenizer, BatchFeature, PretrainedConfig, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
+from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
 
+from ...data.normalize import Normalizer
 from ..input_checks import check_batch, check_image_values, check_tasks
+from .action_tokenizer import ActionTokenizer
 from .configuration_openvla import OpenVLAConfig
 
 DINOV2_MEAN, DINOV2_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+IGNORE_INDEX = -100  # labels the loss skips (transformers' and OpenVLA's)
 
 
 def build_prompt(instruction: str) -> str:
@@ -114,19 +118,60 @@ def published_preprocessor_config(path: Any, **hub_kwargs: Any) -> dict | None:
 
 
 class OpenVLAProcessor(ProcessorMixin):
-    """``processor(images=..., text=instructions)`` -> right-padded input_ids, attention_mask and pixel_values."""
+    """``processor(images=[[image], ...], text=instructions)`` -> right-padded input_ids, attention_mask and
+    pixel_values; with ``actions=`` (training) the sequence goes on with the action tokens and EOS, and ``labels``.
 
-    def __init__(self, image_processor: OpenVLAImageProcessor | None = None, tokenizer: Any = None, **kwargs: Any):
+    The call shape is every family's: ``images`` one list of camera images per sample (OpenVLA sees one camera, so
+    a bare image per sample is taken too), ``text``, ``state`` (OpenVLA sees none: ignored), ``actions`` and
+    ``action_is_pad`` [B, horizon(, action_dim)] for training, ``unnorm_key`` one dataset or one per sample.
+    Actions are normalised with the model config's statistics (:meth:`set_model_config`; ``from_pretrained`` reads
+    the folder's config), the one place they are stored."""
+
+    model_config_class: type[PretrainedConfig] = OpenVLAConfig  # the config whose statistics from_pretrained reads
+
+    def __init__(
+        self,
+        image_processor: OpenVLAImageProcessor | None = None,
+        tokenizer: Any = None,
+        n_action_bins: int = 256,
+        **kwargs: Any,
+    ):
+        self.n_action_bins = n_action_bins
+        self.normalizer: Normalizer | None = None
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def from_model_config(cls, config: OpenVLAConfig, tokenizer: Any) -> OpenVLAProcessor:
+        """The processor matching a model: its image size and backbones, action bins and statistics."""
+        processor = cls(OpenVLAImageProcessor.for_model(config), tokenizer, n_action_bins=config.n_action_bins)
+        processor.set_model_config(config)
+        return processor
+
+    def set_model_config(self, config: Any) -> None:
+        """Read the statistics from the model's config (their one store), e.g. the config a run fine-tunes with."""
+        self.normalizer = Normalizer.from_config(config)
+
+    def require_normalizer(self) -> Normalizer:
+        if self.normalizer is None:
+            raise ValueError(
+                f"{type(self).__name__} has no statistics to normalise with: build it with from_model_config(config) "
+                "or from_pretrained(folder), or call set_model_config(config)"
+            )
+        return self.normalizer
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> OpenVLAProcessor:
         """Also reads the published openvla/openvla-7b layout as it is: its tokenizer, its image means/stds and the
-        image size of its config (no remote code, no conversion)."""
+        image size of its config (no remote code, no conversion). The statistics come from the folder's config."""
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
         published = published_preprocessor_config(pretrained_model_name_or_path, **hub_kwargs)
         if published is None:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            lookup = {**hub_kwargs, "_raise_exceptions_for_missing_entries": False}
+            if cached_file(pretrained_model_name_or_path, CONFIG_NAME, **lookup) is not None:  # else processor-only
+                config = cls.model_config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+                processor.set_model_config(config)
+            return processor
         config = OpenVLAConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         for pointer in ("auto_map", "processor_class"):  # prismatic's remote processor, not in a folder we save
@@ -134,14 +179,31 @@ class OpenVLAProcessor(ProcessorMixin):
         image_processor = OpenVLAImageProcessor.for_model(config)
         image_processor.means = published.get("means", image_processor.means)
         image_processor.stds = published.get("stds", image_processor.stds)
-        return cls(image_processor, tokenizer)
+        processor = cls(image_processor, tokenizer, n_action_bins=config.n_action_bins)
+        processor.set_model_config(config)
+        return processor
 
     def __call__(
-        self, images: Any = None, text: str | list[str] | None = None, return_tensors: str = "pt", **kwargs: Any
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        state: Any = None,
+        actions: Any = None,
+        action_is_pad: Any = None,
+        unnorm_key: str | list[str | None] | None = None,
+        return_tensors: str = "pt",
+        **kwargs: Any,
     ) -> BatchFeature:
         if images is None or text is None:
             raise ValueError("OpenVLAProcessor needs images= and text= (the instruction, one per image)")
         instructions = [text] if isinstance(text, str) else list(text)
+        data = self.encode_prompts(one_camera(images), instructions, **kwargs)
+        if actions is not None:
+            data = self.append_action_tokens(data, actions, action_is_pad, unnorm_key)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def encode_prompts(self, images: Any, instructions: list[str], **kwargs: Any) -> dict[str, torch.Tensor]:
+        """One image and one instruction per row -> right-padded ``input_ids``, ``attention_mask``; ``pixel_values``."""
         check_tasks(instructions)
         pixel_values = self.image_processor(images)["pixel_values"]
         if len(instructions) != pixel_values.shape[0]:
@@ -153,9 +215,56 @@ class OpenVLAProcessor(ProcessorMixin):
             return_token_type_ids=False,
             return_tensors="pt",
         )
-        data = {
-            "input_ids": tokens["input_ids"],
-            "attention_mask": tokens["attention_mask"],
-            "pixel_values": pixel_values,
+        ids, mask = tokens["input_ids"], tokens["attention_mask"]
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
+
+    def normalize_actions(
+        self, actions: Any, unnorm_key: str | list[str | None] | None = None, state: Any = None
+    ) -> torch.Tensor:
+        """Dataset-unit action chunks [B, horizon, action_dim] -> normalised (float64), each sample with its
+        dataset's statistics (relative to the raw ``state`` first, for a model trained on relative actions)."""
+        return self.require_normalizer().actions_to_model(torch.as_tensor(actions).double(), state, unnorm_key)
+
+    def append_action_tokens(
+        self, data: dict, actions: Any, action_is_pad: Any, unnorm_key: str | list[str | None] | None
+    ) -> dict[str, torch.Tensor]:
+        """OpenVLA's training sequence: ``<s> In: What action ...?\nOut: ▁`` + action tokens + ``</s>``.
+
+        Labels are -100 everywhere but the action tokens and the EOS (OpenVLA's ``predict_stop_token``), and also
+        -100 on the tokens of chunk steps padded past an episode's end (``action_is_pad``). Sequences are padded on
+        the right with the tokenizer's pad id, as OpenVLA's ``PaddedCollatorForActionPrediction`` does. Action
+        tokens are written as ids directly (no decode/re-encode round trip): the same ids the reference's
+        ``tokenizer(prompt + action_string + "</s>")`` yields."""
+        action_tokenizer = ActionTokenizer(self.tokenizer, bins=self.n_action_bins)
+        action_ids = torch.as_tensor(action_tokenizer.encode(self.normalize_actions(actions, unnorm_key).numpy()))
+        is_pad = torch.zeros(action_ids.shape[:2], dtype=torch.bool) if action_is_pad is None else action_is_pad
+        action_labels = action_ids.masked_fill(torch.as_tensor(is_pad)[..., None].expand_as(action_ids), IGNORE_INDEX)
+        eos = torch.tensor([self.tokenizer.eos_token_id])
+        prompt_ids = [row[mask.bool()] for row, mask in zip(data["input_ids"], data["attention_mask"], strict=True)]
+        ids = [torch.cat([p, a.flatten(), eos]) for p, a in zip(prompt_ids, action_ids, strict=True)]
+        labels = [
+            torch.cat([torch.full((len(p),), IGNORE_INDEX), a.flatten(), eos])
+            for p, a in zip(prompt_ids, action_labels, strict=True)
+        ]
+        pad = torch.nn.utils.rnn.pad_sequence
+        return {
+            "input_ids": pad(ids, batch_first=True, padding_value=self.tokenizer.pad_token_id),
+            "attention_mask": pad([torch.ones(len(x), dtype=torch.bool) for x in ids], batch_first=True),
+            "pixel_values": data["pixel_values"],
+            "labels": pad(labels, batch_first=True, padding_value=IGNORE_INDEX),
         }
-        return BatchFeature(data=data, tensor_type=return_tensors)
+
+
+def one_camera(images: Any) -> Any:
+    """Per sample, a list holding one camera image (the call shape of every family) or the image itself -> the
+    images; a sample with several cameras is refused (OpenVLA sees one)."""
+    if not isinstance(images, (list, tuple)):
+        return images
+    out = []
+    for i, cams in enumerate(images):
+        if isinstance(cams, (list, tuple)):
+            if len(cams) != 1:
+                raise ValueError(f"sample {i} has {len(cams)} camera images; OpenVLA sees one camera per sample")
+            cams = cams[0]
+        out.append(cams)
+    return out

@@ -3,7 +3,6 @@ action chunks decoded in parallel and regressed with an L1 loss. It starts from 
 
 from __future__ import annotations
 
-import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from vla_recipes.families import Family, register_family
@@ -35,18 +34,13 @@ class OpenVLAOFTFamily(OpenVLAFamily):
         return ["action_head"] + (["proprio_projector"] if model.proprio_projector is not None else [])
 
     def new_processor(self, config, tokenizer_name_or_path):
-        openvla = super().new_processor(config, tokenizer_name_or_path)
-        return OpenVLAOFTProcessor(image_processor=openvla.image_processor, tokenizer=openvla.tokenizer)
+        tokenizer = super().new_processor(config, tokenizer_name_or_path).tokenizer
+        return OpenVLAOFTProcessor.from_model_config(config, tokenizer)
 
     def configure(self, config, data_args, camera_keys, **fields) -> None:
         """Every camera goes through the fused backbone; the state (when ``state_key`` is set) is one token."""
         config.num_images, config.state_dim = len(camera_keys), fields["state_dim"]
         Family.configure(self, config, data_args, camera_keys, **fields)
-
-    def inference_inputs(self, processor, samples: list[dict]) -> dict:
-        states = [s["state"] for s in samples]
-        state = torch.stack(states) if all(x is not None for x in states) else None
-        return processor(images=[s["images"] for s in samples], text=[s["task"] for s in samples], state=state)
 
     beside_prompt = "the images and actions"
 
@@ -55,17 +49,12 @@ class OpenVLAOFTFamily(OpenVLAFamily):
         return config.num_images * config.num_patches + (1 if config.state_dim else 0) + config.num_action_tokens
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset):
-        from vla_recipes.data.collators import OpenVLAOFTDataCollator
-        from vla_recipes.data.normalize import select_stats
+        from vla_recipes.data.collators import VLADataCollator
 
         from .trainer import OpenVLAOFTTrainer
 
-        config = model.config
-        collator = OpenVLAOFTDataCollator(
-            processor=processor,
-            action_stats=select_stats(config.norm_stats, None)["action"],
-            norm_mode=config.norm_mode,
-        )
+        processor.set_model_config(model.config)  # the run's statistics (a mixture's samples each use theirs)
+        collator = VLADataCollator(processor)
         return OpenVLAOFTTrainer(
             model=model,
             args=args,

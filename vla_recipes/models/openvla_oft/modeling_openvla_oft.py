@@ -21,8 +21,6 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ...data.normalize import normalize, select_stats, unnormalize
-
 # A remote-code folder (vla_recipes.remote_code) is copied by transformers one import level deep from the module its
 # auto_map names: the modules that modeling_openvla imports are imported here too, so that they travel.
 from ..adapters import AdapterFolderMixin  # noqa: F401
@@ -173,8 +171,8 @@ class OpenVLAOFTForActionPrediction(OpenVLAForActionPrediction):
         patches = self.projector(self.vision_backbone(images.to(vision_dtype)))
         return patches.reshape(batch, -1, patches.shape[-1])
 
-    def _proprio_token(self, state: torch.Tensor | None, batch: int, unnorm_key: str | None) -> torch.Tensor | None:
-        """The raw robot state (dataset units) normalised with ``config.norm_stats`` and projected: [B, 1, llm_dim]."""
+    def _proprio_token(self, state: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The robot state, normalised by the processor, projected: [B, 1, llm_dim]."""
         if self.proprio_projector is None:
             return None
         if state is None:
@@ -183,9 +181,6 @@ class OpenVLAOFTForActionPrediction(OpenVLAForActionPrediction):
         state = torch.as_tensor(state).reshape(batch, -1)
         if state.shape[1] != self.config.state_dim:
             raise ValueError(f"state has {state.shape[1]} dims, the model's state_dim is {self.config.state_dim}")
-        stats = select_stats(self.config.norm_stats, unnorm_key).get("proprio") if self.config.norm_stats else None
-        if stats is not None:
-            state = normalize(state.double(), stats, self.config.norm_mode)
         weight = self.proprio_projector.fc1.weight
         return self.proprio_projector(state.to(weight.device, weight.dtype))[:, None]
 
@@ -195,7 +190,6 @@ class OpenVLAOFTForActionPrediction(OpenVLAForActionPrediction):
         attention_mask: torch.Tensor | None,
         pixel_values: torch.Tensor,
         state: torch.Tensor | None,
-        unnorm_key: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embeddings [B, S, E], valid-token mask [B, S] and action-placeholder mask [B, S] of the sequence
         ``<s> patches [proprio] prompt placeholders <pad>...``: each row's placeholders right after its prompt."""
@@ -211,7 +205,7 @@ class OpenVLAOFTForActionPrediction(OpenVLAForActionPrediction):
         embeds = embeds.gather(1, order[..., None].expand_as(embeds))
         valid, is_action = valid.gather(1, order), is_action.gather(1, order)
         prefix = self._image_patches(pixel_values)
-        proprio = self._proprio_token(state, batch, unnorm_key)
+        proprio = self._proprio_token(state, batch)
         if proprio is not None:
             prefix = torch.cat([prefix, proprio.to(prefix.dtype)], dim=1)
         prefix_flags = valid.new_zeros(batch, prefix.shape[1])
@@ -230,16 +224,13 @@ class OpenVLAOFTForActionPrediction(OpenVLAForActionPrediction):
         actions: torch.Tensor | None = None,
         action_is_pad: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
-        unnorm_key: str | None = None,
         **kwargs: Any,
     ) -> OpenVLAOFTOutput:
         """Normalised action chunks [B, horizon, action_dim] in one pass; with ``actions`` (normalised) the L1 loss
         over the chunk steps that are not padding (``action_is_pad``), summed and divided by ``num_items_in_batch``
-        when given (gradient accumulation then equals one big batch), else averaged. ``unnorm_key``: the dataset whose
-        statistics normalise ``state`` (needed when the config holds several)."""
-        embeds, valid, is_action = self._parallel_decoding_inputs(
-            input_ids, attention_mask, pixel_values, state, unnorm_key
-        )
+        when given (gradient accumulation then equals one big batch), else averaged. ``state`` is normalised (the
+        processor's)."""
+        embeds, valid, is_action = self._parallel_decoding_inputs(input_ids, attention_mask, pixel_values, state)
         mask = parallel_decoding_mask(valid, is_action, embeds.dtype)
         hidden = self.language_model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
         action_hidden = hidden.last_hidden_state[is_action].reshape(embeds.shape[0], -1, embeds.shape[-1])
@@ -269,9 +260,12 @@ class OpenVLAOFTForActionPrediction(OpenVLAForActionPrediction):
         pixel_values: torch.Tensor | None = None,
         state: torch.Tensor | None = None,
         unnorm_key: str | None = None,
+        reference_state: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Actions in the dataset's units, float32 [B, action_horizon, action_dim], from one forward pass."""
-        stats = self._action_stats(unnorm_key)  # a bad config fails before the forward pass
-        normalized = self(input_ids, attention_mask, pixel_values, state=state, unnorm_key=unnorm_key).actions
-        return unnormalize(normalized.double(), stats, self.config.norm_mode).float()
+        """Actions in the dataset's units, float32 [B, action_horizon, action_dim], from one forward pass; a model
+        trained on relative actions needs ``reference_state``, the raw state the processor returns."""
+        self._action_stats(unnorm_key)  # a bad config or a missing reference state fails before the forward pass
+        self.normalizer.check_reference_state(reference_state)
+        normalized = self(input_ids, attention_mask, pixel_values, state=state).actions
+        return self.normalizer.actions_from_model(normalized.double(), reference_state, unnorm_key).float()

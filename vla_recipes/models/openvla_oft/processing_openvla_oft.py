@@ -9,23 +9,28 @@ import torch
 from transformers import BatchFeature
 
 from ..input_checks import check_state_values
-
-# Imported for a remote-code folder, which transformers copies one import level deep (see modeling_openvla_oft).
-from ..openvla.configuration_openvla import OpenVLAConfig  # noqa: F401
 from ..openvla.processing_openvla import OpenVLAProcessor
+from .configuration_openvla_oft import OpenVLAOFTConfig
 
 
 class OpenVLAOFTProcessor(OpenVLAProcessor):
     """``processor(images=[[cam_1, cam_2, ...], ...], text=tasks, state=states)`` -> ``input_ids``,
     ``attention_mask``, ``pixel_values`` [B, 6 * cameras, S, S] (each camera's DINOv2 + SigLIP channels, in
-    camera order, as openvla-oft stacks them) and ``state`` [B, state_dim] in the dataset's units (the model
-    normalises it with the statistics saved in its config)."""
+    camera order, as openvla-oft stacks them) and ``state`` [B, state_dim] normalised with the model config's
+    statistics. With ``actions=`` (training) also ``actions``, the L1 loss's normalised targets, and
+    ``action_is_pad``; a mixture's samples (``unnorm_key`` one per sample) each use their dataset's statistics.
+    A model trained on relative actions also gets ``reference_state``, the raw state ``predict_action`` adds back."""
+
+    model_config_class = OpenVLAOFTConfig
 
     def __call__(
         self,
         images: Any = None,
         text: str | list[str] | None = None,
         state: Any = None,
+        actions: Any = None,
+        action_is_pad: Any = None,
+        unnorm_key: str | list[str | None] | None = None,
         return_tensors: str = "pt",
         **kwargs: Any,
     ) -> BatchFeature:
@@ -36,10 +41,9 @@ class OpenVLAOFTProcessor(OpenVLAProcessor):
         if len(cameras) != 1:
             raise ValueError(f"every sample needs the same cameras; got {sorted(cameras)} images per sample")
         n_cameras = cameras.pop()
-        inputs = super().__call__(
-            images=[image for cams in per_sample for image in cams],
-            text=[t for t in ([text] if isinstance(text, str) else text) for _ in range(n_cameras)],
-            return_tensors=return_tensors,
+        inputs = self.encode_prompts(
+            [image for cams in per_sample for image in cams],
+            [t for t in ([text] if isinstance(text, str) else text) for _ in range(n_cameras)],
             **kwargs,
         )
         pixels = inputs["pixel_values"]
@@ -48,8 +52,22 @@ class OpenVLAOFTProcessor(OpenVLAProcessor):
             "attention_mask": inputs["attention_mask"][::n_cameras],
             "pixel_values": pixels.reshape(len(per_sample), n_cameras * pixels.shape[1], *pixels.shape[2:]),
         }
+        raw_state = None
         if state is not None:
-            state = torch.as_tensor(np.asarray(state, dtype=np.float32)).reshape(len(per_sample), -1)
-            check_state_values(state)
-            data["state"] = state
+            raw_state = torch.as_tensor(np.asarray(state, dtype=np.float32)).reshape(len(per_sample), -1)
+            check_state_values(raw_state)
+            data["state"] = self._normalize_state(raw_state, unnorm_key)
+        if actions is not None:
+            data["actions"] = self.normalize_actions(actions, unnorm_key, raw_state).float()
+            if action_is_pad is not None:
+                data["action_is_pad"] = torch.as_tensor(action_is_pad)
+        elif self.normalizer is not None and self.normalizer.relative_action_mask is not None:
+            data["reference_state"] = raw_state
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _normalize_state(self, state: torch.Tensor, unnorm_key: str | list[str | None] | None) -> torch.Tensor:
+        """The raw state (dataset units) -> what the proprio projector reads (float64; the model casts it)."""
+        normalizer = self.require_normalizer()
+        if not normalizer.has("proprio"):  # a model trained without state statistics reads it raw
+            return state
+        return normalizer.normalize(state.double(), "proprio", unnorm_key)

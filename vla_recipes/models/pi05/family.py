@@ -4,7 +4,6 @@ cameras, the robot state; reads LeRobot's ``pi05`` / ``pi0`` policy folders (see
 from __future__ import annotations
 
 import numpy as np
-import torch
 from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.utils import PROCESSOR_NAME, cached_file
 
@@ -75,10 +74,7 @@ class Pi05Family(Family):
         )
         if has_processor:
             processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-            processor.norm_stats, processor.norm_mode = config.norm_stats, config.norm_mode
-            processor.relative_action_mask = getattr(config, "relative_action_mask", None)
-            processor.default_unnorm_key = getattr(config, "default_unnorm_key", None)
-            processor.image_processor.camera_keys = list(config.camera_keys)
+            processor.set_model_config(config)  # the run's statistics and cameras, not the base model's
             return processor
         tokenizer = model_args.tokenizer_name_or_path or (self.default_tokenizer if path is not None else None)
         return self.new_processor(config, tokenizer)
@@ -90,10 +86,6 @@ class Pi05Family(Family):
             else self.offline_tokenizer(config)
         )
         return Pi05Processor.from_model_config(config, tokenizer)
-
-    def inference_inputs(self, processor, samples: list[dict]) -> dict:
-        state = torch.stack([s["state"] for s in samples])
-        return processor(images=[s["images"] for s in samples], text=[s["task"] for s in samples], state=state)
 
     def check_prompts(self, processor, config, tasks: list[str]) -> None:
         """The processor refuses a prompt over ``tokenizer_max_length`` (cut, it would lose the state and the
@@ -107,14 +99,20 @@ class Pi05Family(Family):
                 raise self._too_long(task, tokens, limit, "shorten the task, or raise tokenizer_max_length")
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset):
-        from vla_recipes.data.collators import FlowMatchingDataCollator
+        from functools import partial
+
+        from vla_recipes.data.collators import VLADataCollator
         from vla_recipes.trainers.flow_matching import FlowMatchingTrainer
 
+        from .flow_matching import seeded_noise_and_time
+
+        processor.set_model_config(model.config)  # the run's statistics
+        collator = VLADataCollator(processor, seeded_draws=partial(seeded_noise_and_time, model.config))
         return FlowMatchingTrainer(
             model=model,
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=FlowMatchingDataCollator(processor, config=model.config),
+            data_collator=collator,
             processing_class=processor,
         )

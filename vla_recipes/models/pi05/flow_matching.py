@@ -40,3 +40,16 @@ def euler_timesteps(num_steps: int) -> list[float]:
     """The times at which the velocity is evaluated: 1, 1 - 1/N, ..., 1/N (step size ``-1/N``)."""
     dt = -1.0 / num_steps
     return [1.0 + step * dt for step in range(num_steps)]
+
+
+def seeded_noise_and_time(config: Pi05Config, seeds: list[int]) -> dict[str, Tensor]:
+    """Per-sample ``noise`` [B, horizon, max_action_dim] and ``time`` [B], each drawn from its sample's seed with the
+    sampling above, the global RNG left untouched: the training collator's draws (``VLADataCollator.seeded_draws``)."""
+    shape = (1, config.action_horizon, config.max_action_dim)
+    noise, time = [], []
+    with torch.random.fork_rng(devices=[]):
+        for seed in seeds:
+            torch.manual_seed(seed)
+            noise.append(sample_noise(shape, torch.device("cpu")))
+            time.append(sample_time(1, torch.device("cpu"), config))
+    return {"noise": torch.cat(noise), "time": torch.cat(time)}

@@ -18,8 +18,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from ...data.normalize import check_stats, select_stats, unnormalize
-from ...data.relative_actions import to_absolute
+from ...data.normalize import Normalizer
 from ..adapters import AdapterFolderMixin
 from .configuration_pi05 import FLOAT32_MODULES, Pi05Config
 from .flow_matching import euler_timesteps, sample_noise, sample_time, sinusoidal_time_embedding
@@ -368,37 +367,21 @@ class Pi05ForActionPrediction(AdapterFolderMixin, PreTrainedModel):
         relative actions (``config.relative_action_mask``) needs ``reference_state`` [B, state_dim], the raw state
         (``Pi05Processor`` returns it): it is added back, so the actions are absolute either way.
         """
-        stats = self._action_stats(unnorm_key)
-        mask = getattr(self.config, "relative_action_mask", None)
-        if mask is not None and reference_state is None:
-            raise ValueError(
-                "this model predicts actions relative to the state (config.relative_action_mask): pass "
-                "reference_state= the raw state [batch, state_dim] (Pi05Processor's output has it)"
-            )
+        self._action_stats(unnorm_key)  # a bad config or a missing reference state fails before sampling
+        self.normalizer.check_reference_state(reference_state)
         actions = self.sample_actions(
             pixel_values, image_masks, input_ids, attention_mask, state, noise, num_inference_steps
         )
-        actions = unnormalize(actions, stats, self.config.norm_mode)
-        return to_absolute(actions, reference_state, mask) if mask is not None else actions
+        return self.normalizer.actions_from_model(actions, reference_state, unnorm_key)
+
+    @property
+    def normalizer(self) -> Normalizer:
+        """The config's statistics, as the processor reads them: predicted actions go back to dataset units here."""
+        return Normalizer.from_config(self.config)
 
     def _action_stats(self, unnorm_key: str | None) -> dict[str, Any]:
-        config = self.config
-        if config.norm_mode == "identity":
-            return {}
-        if not config.norm_stats:
-            raise ValueError(
-                "config.norm_stats is empty, so actions cannot be returned in dataset units; set it to the training "
-                "set's statistics or call sample_actions() for normalised actions"
-            )
-        unnorm_key = unnorm_key or getattr(config, "default_unnorm_key", None)  # a mixture's heaviest dataset
-        stats = select_stats(config.norm_stats, unnorm_key).get("action", {})
-        check_stats(stats, config.norm_mode, "action")
-        sizes = {len(v) for k, v in stats.items() if k != "mask"}
-        if sizes != {config.action_dim}:
-            raise ValueError(
-                f"action statistics have {sorted(sizes)} dims but config.action_dim is {config.action_dim}"
-            )
-        return stats
+        """The action statistics ``predict_action`` will use, checked against ``config.action_dim``."""
+        return self.normalizer.stats("action", unnorm_key, self.config.action_dim)
 
     def _check_inputs(self, pixel_values: Tensor, state: Tensor | None) -> None:
         config = self.config
