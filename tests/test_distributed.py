@@ -399,7 +399,7 @@ def test_a_dataset_error_on_the_main_process_stops_every_rank_in_one_line(tmp_pa
 
 @pytest.mark.slow
 def test_pi05_ddp_and_accumulation_equal_one_big_batch(tmp_path, two_camera_root):
-    """Needs per-sample flow-matching noise and time (VLADataCollator with seeded_draws), and holds with checkpointing on."""
+    """Needs per-sample flow-matching noise and time (the collator's seeded_draws); holds with checkpointing on."""
     check_layouts(tmp_path, two_camera_root, "pi05", gradient_checkpointing=True)
 
 

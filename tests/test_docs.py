@@ -209,7 +209,9 @@ def check_command(words: list[str], where: str) -> list[str]:
     if program == "vla-recipes":
         if program not in console_scripts():
             return [f"{where}: vla-recipes is not a console script in pyproject.toml's [project.scripts]"]
-        if not args or not (ROOT / "recipes" / f"{args[0]}.py").is_file():
+        if not args or args[0] in ("--help", "-h") or "<" in args[0]:  # the command list, or a placeholder
+            return []
+        if not (ROOT / "recipes" / f"{args[0]}.py").is_file():
             return [f"{where}: vla-recipes has no subcommand {args[:1]} (one per recipes/<command>.py)"]
         return check_script_flags(f"recipes/{args[0]}.py", flags_of(args[1:]), where)
     if re.fullmatch(r"(.*/)?python[\d.]*", program):

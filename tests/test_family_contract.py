@@ -265,7 +265,7 @@ def test_family_declares_what_generic_code_reads(name):
     """Auto classes resolve to the declared ones, the FSDP blocks exist in the model, the processor builds offline,
     the frame-cache resize is the processor's size, every LeRobot type reads into the family's config."""
     from vla_recipes.configs import FinetuneMode
-    from vla_recipes.data.frame_cache import FrameResize, frame_resize_for
+    from vla_recipes.data.frame_cache import FrameResize
     from vla_recipes.data.normalize import NORM_MODES
     from vla_recipes.families import lerobot_policy_types
 
@@ -281,7 +281,7 @@ def test_family_declares_what_generic_code_reads(name):
     assert isinstance(processor.image_processor, family.image_processor_class)
     family.check_prompts(processor, config, ["pick up the bowl"])  # a short task fits
     expected = None if family.frame_resize is None else FrameResize(family.frame_resize, config.image_size)
-    assert frame_resize_for(config) == expected
+    assert family.frame_resize_for(config) == expected
     assert config.norm_mode in NORM_MODES and set(family.supported_modes) <= set(typing.get_args(FinetuneMode))
     assert all(lerobot_policy_types()[t] is family.config_class for t in family.lerobot_policy_types)
     if name in package_families():  # the package's families have a CPU demo recipe for their tiny model

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from vla_recipes.configs import DataArguments, RecipeError
 from vla_recipes.data import frame_cache
-from vla_recipes.data.frame_cache import FrameCache, FrameResize, frame_resize_for
+from vla_recipes.data.frame_cache import FrameCache, FrameResize
 from vla_recipes.data.lerobot import VLADataset, load_metadata, resolve_camera_keys
 from vla_recipes.families import get_family, package_families
 
@@ -101,7 +101,7 @@ def test_resized_cache_gives_the_processor_the_same_pixels(wide_root, tmp_path, 
     """After the family's real image processor: OpenVLA's pixel_values (square_bicubic) are identical, pi0.5's
     (fit_bilinear) within one uint8 step."""
     family = get_family(name)
-    assert frame_resize_for(family.config_class()) == FrameResize(family.frame_resize, 224)  # the default size
+    assert family.frame_resize_for(family.config_class()) == FrameResize(family.frame_resize, 224)  # the default size
     resize = FrameResize(family.frame_resize, 32)
     processor = family.image_processor_class(image_size=32, camera_keys=[CAMERA])
     # fit_bilinear keeps the aspect, stored unpadded

@@ -142,8 +142,9 @@ class StubModel(torch.nn.Module):
         return chunk[..., None].float()
 
 
-def stub_processor(images, text):
-    return {"pixel_values": torch.stack([image.flatten()[0] for image in images])}
+def stub_processor(images, text, state=None):
+    """The one processor call shape: per sample, one image per camera."""
+    return {"pixel_values": torch.stack([cameras[0].flatten()[0] for cameras in images])}
 
 
 @pytest.mark.parametrize(("n_action_steps", "expected"), [(None, [0, 10, 20, 103, 113]), (2, [0, 10, 102, 112, 204])])

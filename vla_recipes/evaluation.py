@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader
 
 from vla_recipes.configs import DataArguments, RecipeError
 from vla_recipes.data.collators import observations
-from vla_recipes.data.frame_cache import frame_resize_for
 from vla_recipes.data.lerobot import VLADataset, check_episodes, load_metadata
 from vla_recipes.data.normalize import normalize, select_stats
 from vla_recipes.data.state_selection import feature_dim
@@ -161,9 +160,8 @@ def evaluate_open_loop(
         action_horizon=policy.config.action_horizon,
         state_indices=getattr(policy.config, "state_indices", data_args.state_indices),
     )
-    dataset = VLADataset(
-        meta, sample_args, list(policy.config.camera_keys), episodes, frame_resize=frame_resize_for(policy.config)
-    )
+    frame_resize = get_family(policy.config.model_type).frame_resize_for(policy.config)
+    dataset = VLADataset(meta, sample_args, list(policy.config.camera_keys), episodes, frame_resize=frame_resize)
     predictions = predict_open_loop(policy, processor, dataset, batch_size, num_workers)
     results = open_loop_metrics(policy, processor, predictions)
     dims = list(range(min(plot_dims, predictions.predicted.shape[-1])))

@@ -23,7 +23,6 @@ from transformers.trainer_utils import TrainOutput
 
 from vla_recipes.checkpointing import check_optimizer_state, check_resume_recipe, resolve_resume, run_recipe
 from vla_recipes.configs import ADAPTER_MODES, DataArguments, ModelArguments, RecipeError, VLATrainingArguments
-from vla_recipes.data.frame_cache import frame_resize_for
 from vla_recipes.data.run_data import check_mixture_dims, eval_data, prepare_entries, training_data
 from vla_recipes.distributed import check_strategy, end_training, save_full_weights, use_fsdp_blocks
 from vla_recipes.families import get_family
@@ -196,7 +195,7 @@ def train(
     if model_args.finetune_mode in ADAPTER_MODES:
         model.print_trainable_parameters()
 
-    frame_resize = frame_resize_for(config)  # the processor's first step, done once in the frame cache
+    frame_resize = family.frame_resize_for(config)  # the processor's first step, done once in the frame cache
     trainer = family.make_trainer(
         model=model,
         args=training_args,

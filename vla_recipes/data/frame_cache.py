@@ -94,13 +94,6 @@ def _fit(height: int, width: int, size: int) -> tuple[int, int]:
     return int(height / ratio), int(width / ratio)
 
 
-def frame_resize_for(config) -> FrameResize | None:
-    """The resize the model family's processor starts with (``Family.frame_resize``); ``None``: native size."""
-    from vla_recipes.families import get_family  # the registry knows the models; this module does not
-
-    return get_family(config.model_type).frame_resize_for(config)
-
-
 def frame_cache_dir(configured: str | None) -> Path:
     """``frame_cache_dir`` if set, else ``$VLA_RECIPES_CACHE/frames``, else ``~/.cache/vla_recipes/frames``."""
     return Path(configured).expanduser() if configured else cache_root() / "frames"
