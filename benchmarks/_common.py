@@ -103,6 +103,12 @@ def synthetic_data(folder: Path, horizon: int, num_samples: int) -> Data:
     return Data(root, meta, [dataset[i] for i in range(num_samples)], horizon)
 
 
+def seen_by(config, samples: list[dict]) -> list[dict]:
+    """The samples with only the cameras the model sees (``config.camera_keys``: OpenVLA one), as ``VLADataset``
+    gives them to it in training and the processor's one call shape expects them."""
+    return [{**sample, "images": sample["images"][: len(config.camera_keys)]} for sample in samples]
+
+
 def data_arguments(root: Path, horizon: int):
     from vla_recipes.configs import DataArguments
 
@@ -111,12 +117,9 @@ def data_arguments(root: Path, horizon: int):
 
 def tiny_config(model_type: str) -> dict:
     """The tests' tiny model of a family, as a recipe's ``model_config``."""
-    from vla_recipes.models.openvla import TINY_OPENVLA_CONFIG
-    from vla_recipes.models.openvla_oft import TINY_OPENVLA_OFT_CONFIG
-    from vla_recipes.models.pi05 import TINY_PI05_CONFIG
+    from vla_recipes.families import get_family
 
-    tiny = {"openvla": TINY_OPENVLA_CONFIG, "openvla_oft": TINY_OPENVLA_OFT_CONFIG, "pi05": TINY_PI05_CONFIG}
-    return {"model_type": model_type, **copy.deepcopy(tiny[model_type])}
+    return {"model_type": model_type, **copy.deepcopy(get_family(model_type).tiny_config)}
 
 
 def configured_config(model_args, data: Data, cameras: int | None = None, state: bool = True) -> tuple[Any, Any]:

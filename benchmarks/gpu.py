@@ -58,7 +58,17 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from _common import CAMERAS, REPO_ID, ROOT, Data, build_model, configured_config, synthetic_data, tiny_config  # noqa: E402
+from _common import (  # noqa: E402
+    CAMERAS,
+    REPO_ID,
+    ROOT,
+    Data,
+    build_model,
+    configured_config,
+    seen_by,
+    synthetic_data,
+    tiny_config,
+)
 
 sys.path.insert(0, str(ROOT / "tests"))  # tests/cli.py (process-tree timeouts), tests/lerobot_pi05_reference.py
 
@@ -360,7 +370,11 @@ def train_row(recipe: str, base: Path, data: Data, folder: Path, device: Device,
         model_type, data, folder / "run", model_args=model_args, gradient_checkpointing=ckpt
     )
     trainer = family.make_trainer(
-        model=model, args=args, processor=processor, train_dataset=data.samples[:batch], eval_dataset=None
+        model=model,
+        args=args,
+        processor=processor,
+        train_dataset=seen_by(model.config, data.samples[:batch]),
+        eval_dataset=None,
     )
     figures: dict[str, Any] = {"loaded_gb": device.allocated_gb()}
     if model_args.finetune_mode == "qlora":
@@ -438,7 +452,7 @@ def latency_rows(recipe: str, base: Path, data: Data, folder: Path, device: Devi
     model.to(device.type).eval()
     figures = {}
     for batch in LATENCY_BATCHES:
-        inputs = processor(**observations(data.samples[:batch])).to(device.type)
+        inputs = processor(**observations(seen_by(model.config, data.samples[:batch]))).to(device.type)
         with torch.inference_mode():
             model.predict_action(**inputs)  # warm-up: kernels, allocator
             times = []

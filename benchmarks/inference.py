@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import best_cpu_time, build_model, machine, print_table, synthetic_data
+from _common import best_cpu_time, build_model, machine, print_table, seen_by, synthetic_data
 
 from vla_recipes.data.collators import observations
 
@@ -101,12 +101,13 @@ def main() -> None:
                 model.eval()
                 implementation = model.config._attn_implementation
                 torch.manual_seed(0)
-                batched, single = throughput(model, processor, family, data.samples, args.repeats)
+                samples = seen_by(model.config, data.samples)
+                batched, single = throughput(model, processor, family, samples, args.repeats)
                 ratio = batched / single
                 met = "met" if ratio >= GOAL else "not met"
                 rows.append([f"{model_type} tiny", implementation, batched, single, f"**{ratio:.2f}x**", met])
                 if args.profile and model_type == "pi05" and attn is None:
-                    profile(model, processor, family, data.samples)
+                    profile(model, processor, family, samples)
     header = ["model", "attention", f"batch {args.batch} (obs/s)", f"{args.batch} x batch 1 (obs/s)", "ratio"]
     print_table(
         f"Inference: batched predict_action vs batch-1 calls (CPU time, best of {args.repeats})",

@@ -128,6 +128,14 @@ class Family:
         """A processor for ``config``; its tokenizer from ``tokenizer_name_or_path``, else :meth:`offline_tokenizer`."""
         raise NotImplementedError
 
+    def tokenizer(self, config: PretrainedConfig, tokenizer_name_or_path: str | None):
+        """The named tokenizer (a Hub id or folder), else :meth:`offline_tokenizer` (random-init runs, no network)."""
+        if tokenizer_name_or_path:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(tokenizer_name_or_path)
+        return self.offline_tokenizer(config)
+
     def configure(
         self,
         config: PretrainedConfig,
@@ -154,6 +162,25 @@ class Family:
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset) -> VLATrainer:
         raise NotImplementedError
+
+    @staticmethod
+    def trainer_with_collator(
+        trainer_class: type[VLATrainer], *, model, args, processor, train_dataset, eval_dataset, seeded_draws=None, **kw
+    ) -> VLATrainer:
+        """``trainer_class`` with the one collator over ``processor``, pointed at the run's statistics (the model
+        config's, which ``configure`` wrote). ``seeded_draws``: per-sample tensors the collator adds (pi0.5's noise)."""
+        from vla_recipes.data.collators import VLADataCollator
+
+        processor.set_model_config(model.config)
+        return trainer_class(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=VLADataCollator(processor, seeded_draws=seeded_draws),
+            processing_class=processor,
+            **kw,
+        )
 
     def check_prompts(self, processor, config: PretrainedConfig, tasks: list[str]) -> None:
         """Refuse, before the weights load, a task whose prompt does not fit the model's sequence."""

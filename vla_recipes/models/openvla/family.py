@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer, PretrainedConfig
+from transformers import PretrainedConfig
 
 from vla_recipes.families import Family, register_family
 
@@ -48,12 +48,7 @@ class OpenVLAFamily(Family):
         return self.processor_class.from_pretrained(model_args.model_name_or_path)
 
     def new_processor(self, config, tokenizer_name_or_path):
-        tokenizer = (
-            AutoTokenizer.from_pretrained(tokenizer_name_or_path)
-            if tokenizer_name_or_path
-            else self.offline_tokenizer(config)
-        )
-        return OpenVLAProcessor.from_model_config(config, tokenizer)
+        return OpenVLAProcessor.from_model_config(config, self.tokenizer(config, tokenizer_name_or_path))
 
     def configure(self, config, data_args, camera_keys, **fields) -> None:
         """OpenVLA sees one image and no state (so no relative actions: there is no state to add back)."""
@@ -87,7 +82,6 @@ class OpenVLAFamily(Family):
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset):
         from vla_recipes.configs import RecipeError
-        from vla_recipes.data.collators import VLADataCollator
 
         from .trainer import OpenVLATrainer
 
@@ -99,14 +93,12 @@ class OpenVLAFamily(Family):
                 f"the tokenizer's vocab_size ({action_tokenizer.vocab_size}) does not match the model's "
                 f"text_config.vocab_size - pad_to_multiple_of ({expected}): action tokens would be misread"
             )
-        processor.set_model_config(config)  # the run's statistics
-        collator = VLADataCollator(processor)
-        return OpenVLATrainer(
+        return self.trainer_with_collator(
+            OpenVLATrainer,
             model=model,
             args=args,
+            processor=processor,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=collator,
-            processing_class=processor,
             action_tokenizer=action_tokenizer,
         )

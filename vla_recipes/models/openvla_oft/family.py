@@ -34,8 +34,7 @@ class OpenVLAOFTFamily(OpenVLAFamily):
         return ["action_head"] + (["proprio_projector"] if model.proprio_projector is not None else [])
 
     def new_processor(self, config, tokenizer_name_or_path):
-        tokenizer = super().new_processor(config, tokenizer_name_or_path).tokenizer
-        return OpenVLAOFTProcessor.from_model_config(config, tokenizer)
+        return OpenVLAOFTProcessor.from_model_config(config, self.tokenizer(config, tokenizer_name_or_path))
 
     def configure(self, config, data_args, camera_keys, **fields) -> None:
         """Every camera goes through the fused backbone; the state (when ``state_key`` is set) is one token."""
@@ -49,17 +48,13 @@ class OpenVLAOFTFamily(OpenVLAFamily):
         return config.num_images * config.num_patches + (1 if config.state_dim else 0) + config.num_action_tokens
 
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset):
-        from vla_recipes.data.collators import VLADataCollator
-
         from .trainer import OpenVLAOFTTrainer
 
-        processor.set_model_config(model.config)  # the run's statistics (a mixture's samples each use theirs)
-        collator = VLADataCollator(processor)
-        return OpenVLAOFTTrainer(
+        return self.trainer_with_collator(
+            OpenVLAOFTTrainer,
             model=model,
             args=args,
+            processor=processor,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=collator,
-            processing_class=processor,
         )

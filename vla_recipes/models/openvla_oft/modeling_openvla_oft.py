@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput
 
 # A remote-code folder (vla_recipes.remote_code) is copied by transformers one import level deep from the module its
 # auto_map names: the modules that modeling_openvla imports are imported here too, so that they travel.
+from ...data.normalize import Normalizer  # noqa: F401
 from ..adapters import AdapterFolderMixin  # noqa: F401
 from ..openvla.action_tokenizer import decode_action_ids  # noqa: F401
 from ..openvla.configuration_openvla import OpenVLAConfig  # noqa: F401

@@ -8,7 +8,12 @@ import numpy as np
 import torch
 from transformers import BatchFeature
 
+# A remote-code folder is copied by transformers one import level deep from the module its auto_map names: the
+# modules that processing_openvla imports are imported here too, so that they travel.
+from ...data.normalize import Normalizer  # noqa: F401
 from ..input_checks import check_state_values
+from ..openvla.action_tokenizer import ActionTokenizer  # noqa: F401
+from ..openvla.configuration_openvla import OpenVLAConfig  # noqa: F401
 from ..openvla.processing_openvla import OpenVLAProcessor
 from .configuration_openvla_oft import OpenVLAOFTConfig
 

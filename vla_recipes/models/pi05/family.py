@@ -4,7 +4,7 @@ cameras, the robot state; reads LeRobot's ``pi05`` / ``pi0`` policy folders (see
 from __future__ import annotations
 
 import numpy as np
-from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoProcessor, PretrainedConfig, PreTrainedModel
 from transformers.utils import PROCESSOR_NAME, cached_file
 
 from vla_recipes.families import Family, register_family
@@ -80,12 +80,7 @@ class Pi05Family(Family):
         return self.new_processor(config, tokenizer)
 
     def new_processor(self, config, tokenizer_name_or_path):
-        tokenizer = (
-            AutoTokenizer.from_pretrained(tokenizer_name_or_path)
-            if tokenizer_name_or_path
-            else self.offline_tokenizer(config)
-        )
-        return Pi05Processor.from_model_config(config, tokenizer)
+        return Pi05Processor.from_model_config(config, self.tokenizer(config, tokenizer_name_or_path))
 
     def check_prompts(self, processor, config, tasks: list[str]) -> None:
         """The processor refuses a prompt over ``tokenizer_max_length`` (cut, it would lose the state and the
@@ -101,18 +96,16 @@ class Pi05Family(Family):
     def make_trainer(self, *, model, args, processor, train_dataset, eval_dataset):
         from functools import partial
 
-        from vla_recipes.data.collators import VLADataCollator
         from vla_recipes.trainers.flow_matching import FlowMatchingTrainer
 
         from .flow_matching import seeded_noise_and_time
 
-        processor.set_model_config(model.config)  # the run's statistics
-        collator = VLADataCollator(processor, seeded_draws=partial(seeded_noise_and_time, model.config))
-        return FlowMatchingTrainer(
+        return self.trainer_with_collator(
+            FlowMatchingTrainer,
             model=model,
             args=args,
+            processor=processor,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=collator,
-            processing_class=processor,
+            seeded_draws=partial(seeded_noise_and_time, model.config),
         )
