@@ -29,29 +29,37 @@ def collect_args(root, *extra: str) -> list[str]:
     return ["--task", TASK, "--root", str(root), "--image_size", str(SIZE), *extra]
 
 
-@pytest.fixture(scope="module")
-def collected(tmp_path_factory):
+CAMERA_KEYS = {  # LeRobot's one camera keeps LeRobot's key; several are named as preprocess_observation names them
+    ("corner2",): ["observation.image"],
+    ("corner2", "topview"): ["observation.images.corner2", "observation.images.topview"],
+}
+
+
+@pytest.fixture(scope="module", params=list(CAMERA_KEYS), ids="+".join)
+def collected(request, tmp_path_factory):
     """One reach-v3 expert episode at 56x56; a stale ``.partial`` folder (an interrupted run) is in the way."""
     root = tmp_path_factory.mktemp("mw") / "reach"
     stale = root.with_name("reach.partial") / "meta"
     stale.mkdir(parents=True)
     (stale / "info.json").write_text("{}")
-    collect.main(collect_args(root, "--episodes", "1"))
-    return root
+    collect.main(collect_args(root, "--episodes", "1", "--cameras", *request.param))
+    return root, CAMERA_KEYS[request.param]
 
 
 def test_collector_frames_equal_the_rollout_envs(collected, capsys):
     from lerobot.datasets import LeRobotDataset
     from lerobot.envs import make_env, make_env_pre_post_processors
-    from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_STATE
+    from lerobot.utils.constants import ACTION, OBS_STATE
 
     from vla_recipes.envs.metaworld import expert_action
 
+    collected, cameras = collected
     record = json.loads((collected / "meta/collection.json").read_text())
     assert record["seeds"] == [100_000] and not collected.with_name("reach.partial").exists()
     info = json.loads((collected / "meta/info.json").read_text())
     assert info["codebase_version"] == "v3.0" and info["total_episodes"] == 1
-    assert info["features"][OBS_IMAGE]["shape"] == [SIZE, SIZE, 3]
+    assert [key for key, ft in info["features"].items() if ft["dtype"] == "image"] == cameras
+    assert all(info["features"][key]["shape"] == [SIZE, SIZE, 3] for key in cameras)
     dataset = LeRobotDataset("local/reach", root=collected)
     assert dataset[0]["task"] == record["task_description"] == "Reach a goal position"
 
@@ -65,13 +73,16 @@ def test_collector_frames_equal_the_rollout_envs(collected, capsys):
     for index in range(dataset.num_frames):
         frame = dataset[index]
         observation = collect.policy_observation(raw, preprocessor)
-        assert torch.equal(frame[OBS_IMAGE], observation[OBS_IMAGE][0])  # bit-identical pixels
+        for key in cameras:
+            assert torch.equal(frame[key], observation[key][0])  # bit-identical pixels
         assert torch.equal(frame[OBS_STATE], observation[OBS_STATE][0])
         np.testing.assert_array_equal(frame[ACTION].numpy(), expert_action(vector_env.envs[0]))
         raw, _, _, _, step_info = vector_env.step(frame[ACTION].numpy()[None])
     assert bool(step_info["is_success"][0])  # the last recorded action is the one that succeeded
     vector_env.close()
 
+    if len(cameras) > 1:  # the cameras differ (a second camera adds a view, not a copy)
+        assert not torch.equal(dataset[0][cameras[0]], dataset[0][cameras[1]])
     collect.main(collect_args(collected, "--episodes", "5"))  # cached: a finished dataset is reused as is
     assert "reusing it" in capsys.readouterr().out
     assert json.loads((collected / "meta/info.json").read_text())["total_episodes"] == 1
@@ -81,6 +92,8 @@ def test_collector_bad_input(tmp_path, monkeypatch):
     root = tmp_path / "data"
     with pytest.raises(RecipeError, match=r"unknown MetaWorld task 'reach-v9'; valid tasks: .*drawer-open-v3"):
         collect.main(["--task", "reach-v9", "--root", str(root)])
+    with pytest.raises(RecipeError, match=r"cameras must be distinct MetaWorld cameras among .*'topview'"):
+        collect.main(collect_args(root, "--cameras", "corner2", "wrist"))
     with pytest.raises(SystemExit):  # seeds below 100000 are evaluation seeds
         collect.main(collect_args(root, "--seed", "3"))
     # The expert cannot succeed in 2 steps: nothing that looks like a dataset is left behind.

@@ -42,6 +42,9 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root", required=True, help="Dataset folder to create.")
     parser.add_argument("--repo_id", default=None, help="Dataset name (default: local/<root folder name>).")
     parser.add_argument("--image_size", type=int, default=112, help="Camera size (square), the model's image_size.")
+    parser.add_argument(
+        "--cameras", nargs="+", default=["corner2"], help="MetaWorld cameras to record (corner2, topview, ...)."
+    )
     parser.add_argument("--episode_length", type=int, default=400, help="Steps after which an episode has failed.")
     parser.add_argument("--seed", type=int, default=COLLECTION_SEED_START, help="Seed of the first episode.")
     parser.add_argument("--max_attempts", type=int, default=None, help="Episodes tried at most (default: 2x + 10).")
@@ -53,12 +56,20 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     return cli
 
 
-def dataset_features(image_size: int) -> dict:
-    """LeRobot features of a MetaWorld dataset: one camera (lossless images), 4-dim state and action."""
-    from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_STATE
+def image_keys(env_cfg) -> list[str]:
+    """The dataset keys of the env's cameras (``observation.image``, or ``observation.images.<camera>`` for several)."""
+    from lerobot.configs import FeatureType
 
-    return {
-        OBS_IMAGE: {"dtype": "image", "shape": (image_size, image_size, 3), "names": ["height", "width", "channels"]},
+    return [env_cfg.features_map[key] for key, ft in env_cfg.features.items() if ft.type is FeatureType.VISUAL]
+
+
+def dataset_features(env_cfg) -> dict:
+    """LeRobot features of a MetaWorld dataset: the env's cameras (lossless images), 4-dim state and action."""
+    from lerobot.utils.constants import ACTION, OBS_STATE
+
+    size = env_cfg.image_size
+    image = {"dtype": "image", "shape": (size, size, 3), "names": ["height", "width", "channels"]}
+    return {key: image for key in image_keys(env_cfg)} | {
         OBS_STATE: {"dtype": "float32", "shape": (4,), "names": ["x", "y", "z", "gripper_distance"]},
         ACTION: {"dtype": "float32", "shape": (4,), "names": ["dx", "dy", "dz", "grip_effort"]},
     }
@@ -71,15 +82,17 @@ def policy_observation(raw_observation: dict, env_preprocessor) -> dict:
     return env_preprocessor(preprocess_observation(raw_observation))
 
 
-def as_frame(observation: dict, action: np.ndarray) -> dict:
-    """One dataset frame from a (batch-of-one) policy observation: the image back to the uint8 HWC it was."""
-    from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_STATE
+def as_frame(observation: dict, action: np.ndarray, cameras: list[str]) -> dict:
+    """One dataset frame from a (batch-of-one) policy observation: each image back to the uint8 HWC it was."""
+    from lerobot.utils.constants import ACTION, OBS_STATE
 
-    image = (observation[OBS_IMAGE][0] * 255).round().byte().permute(1, 2, 0).numpy()
-    return {OBS_IMAGE: image, OBS_STATE: observation[OBS_STATE][0].numpy().astype(np.float32), ACTION: action}
+    images = {key: (observation[key][0] * 255).round().byte().permute(1, 2, 0).numpy() for key in cameras}
+    return images | {OBS_STATE: observation[OBS_STATE][0].numpy().astype(np.float32), ACTION: action}
 
 
-def expert_episode(vector_env, env_preprocessor, seed: int, max_steps: int) -> tuple[list[dict], bool]:
+def expert_episode(
+    vector_env, env_preprocessor, seed: int, max_steps: int, cameras: list[str]
+) -> tuple[list[dict], bool]:
     """Roll the scripted expert out from ``seed``: the frames up to the step that succeeded, and whether it did."""
     from vla_recipes.envs.metaworld import expert_action
 
@@ -87,7 +100,7 @@ def expert_episode(vector_env, env_preprocessor, seed: int, max_steps: int) -> t
     frames = []
     for _ in range(max_steps):
         action = expert_action(vector_env.envs[0])
-        frames.append(as_frame(policy_observation(raw, env_preprocessor), action))
+        frames.append(as_frame(policy_observation(raw, env_preprocessor), action, cameras))
         raw, _, terminated, truncated, info = vector_env.step(action[None])
         if bool(info["is_success"][0]):
             return frames, True
@@ -113,23 +126,26 @@ def collect(cli: argparse.Namespace) -> Path:
     check_renderer()
     check_task(cli.task)
     env_kwargs = {"task": cli.task, "image_size": cli.image_size, "episode_length": cli.episode_length}
+    if cli.cameras != ["corner2"]:
+        env_kwargs["cameras"] = cli.cameras
     env_cfg = make_env_config(ENV_TYPE, **env_kwargs)
     vector_env = make_env(env_cfg, n_envs=1)[cli.task][0]
     env_preprocessor, _ = make_env_pre_post_processors(env_cfg, None)
     task = vector_env.envs[0].task_description
+    cameras = image_keys(env_cfg)
 
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # what an interrupted run left
     repo_id = cli.repo_id or f"local/{root.name}"
     dataset = LeRobotDataset.create(
-        repo_id, fps=env_cfg.fps, features=dataset_features(cli.image_size), root=partial, use_videos=False,
+        repo_id, fps=env_cfg.fps, features=dataset_features(env_cfg), root=partial, use_videos=False,
         robot_type="sawyer", image_writer_threads=2,
     )  # fmt: skip
     max_attempts = cli.max_attempts or 2 * cli.episodes + 10
     seeds, dropped = [], []
     with tqdm(total=cli.episodes, desc=f"{cli.task} expert episodes", unit="ep") as progress:
         for seed in range(cli.seed, cli.seed + max_attempts):
-            frames, success = expert_episode(vector_env, env_preprocessor, seed, cli.episode_length)
+            frames, success = expert_episode(vector_env, env_preprocessor, seed, cli.episode_length, cameras)
             if not success:
                 dropped.append(seed)
                 progress.set_postfix(dropped=len(dropped))

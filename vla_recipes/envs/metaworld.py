@@ -11,6 +11,12 @@ map a software renderer spends four fifths of a frame on them (0.11 s against 0.
 Everything else (MT1 task, ``corner2`` camera and its flip, seeded goal positions, the 4-dim state and action)
 is LeRobot's code.
 
+One camera cannot place a point in 3-D: reach-v3's goal is drawn in a box, and from ``corner2`` alone a goal near
+the camera and one further along the same ray look alike (without shadows nothing else tells them apart). So the
+env can render more of MetaWorld's cameras (``cameras: [corner2, topview]``); the first is LeRobot's camera and
+stays ``observation.image`` when it is the only one, several become ``observation.images.<camera>`` as LeRobot's
+``preprocess_observation`` names a dict of pixels.
+
     python recipes/rollout.py --model outputs/demo-sim-pi05 --env metaworld_sized \\
         --env_kwargs '{"task": "reach-v3", "image_size": 112}' --n_episodes 50
 
@@ -29,7 +35,7 @@ import numpy as np
 import torch
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.envs.configs import EnvConfig
-from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_STATE
+from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_IMAGES, OBS_STATE
 
 from vla_recipes.configs import RecipeError
 
@@ -37,6 +43,7 @@ ENV_TYPE = "metaworld_sized"
 # Evaluation uses seeds [0, COLLECTION_SEED_START) (recipes/rollout.py starts at 0); collection starts here, so a
 # policy is never scored on a goal position it was shown.
 COLLECTION_SEED_START = 100_000
+CAMERAS = ("corner2", "topview", "corner", "corner3", "behindGripper", "gripperPOV")  # MetaWorld's, LeRobot's first
 
 
 def check_renderer() -> None:
@@ -62,8 +69,17 @@ def check_task(task: str) -> None:
         raise RecipeError(f"unknown MetaWorld task {task!r}; valid tasks: {', '.join(names)}")
 
 
-def sized_env(task: str, image_size: int, episode_length: int, **gym_kwargs: Any):
-    """One LeRobot ``MetaworldEnv`` whose camera renders ``image_size`` pixels square, cut at ``episode_length``."""
+def check_cameras(cameras: list[str]) -> None:
+    if not cameras or len(set(cameras)) != len(cameras) or not set(cameras) <= set(CAMERAS):
+        raise RecipeError(f"cameras must be distinct MetaWorld cameras among {list(CAMERAS)}, not {cameras}")
+
+
+def sized_env(task: str, image_size: int, episode_length: int, cameras: tuple[str, ...] = ("corner2",), **gym_kwargs: Any):
+    """One LeRobot ``MetaworldEnv`` whose cameras render ``image_size`` pixels square, cut at ``episode_length``.
+
+    The first camera is LeRobot's own (``camera_name``, with its flip for ``corner2``); further cameras are rendered
+    by MuJoCo's ``Renderer`` from the same simulator state, and ``pixels`` becomes a dict keyed by camera name."""
+    from gymnasium import spaces
     from lerobot.envs.metaworld import MetaworldEnv
 
     class SizedMetaworldEnv(MetaworldEnv):
@@ -74,8 +90,35 @@ def sized_env(task: str, image_size: int, episode_length: int, **gym_kwargs: Any
                 renderer = self._env.mujoco_renderer
                 renderer.width, renderer.height = self.observation_width, self.observation_height
                 self._env.model.light_castshadow[:] = 0  # a software renderer spends 4/5 of a frame on shadows
+                self._extra_renderer = None
 
-    env = SizedMetaworldEnv(task, observation_width=image_size, observation_height=image_size, **gym_kwargs)
+        def _format_raw_obs(self, raw_obs: np.ndarray) -> dict:
+            obs = super()._format_raw_obs(raw_obs)
+            if len(cameras) > 1:
+                obs["pixels"] = {cameras[0]: obs["pixels"]} | {cam: self._render(cam) for cam in cameras[1:]}
+            return obs
+
+        def _render(self, camera: str) -> np.ndarray:
+            import mujoco
+
+            if self._extra_renderer is None:
+                self._extra_renderer = mujoco.Renderer(self._env.model, self.observation_height, self.observation_width)
+            self._extra_renderer.update_scene(self._env.data, camera=camera)
+            return self._extra_renderer.render()
+
+        def close(self) -> None:
+            if getattr(self, "_extra_renderer", None) is not None:
+                self._extra_renderer.close()
+            super().close()
+
+    env = SizedMetaworldEnv(
+        task, camera_name=cameras[0], observation_width=image_size, observation_height=image_size, **gym_kwargs
+    )
+    if len(cameras) > 1:
+        image = spaces.Box(low=0, high=255, shape=(image_size, image_size, 3), dtype=np.uint8)
+        env.observation_space = spaces.Dict(
+            {"pixels": spaces.Dict({cam: image for cam in cameras}), "agent_pos": env.observation_space["agent_pos"]}
+        )
     env._max_episode_steps = episode_length  # what LeRobot's eval loop reads as the time limit
     return env
 
@@ -89,6 +132,7 @@ class MetaworldSizedEnv(EnvConfig):
     fps: int = 80
     episode_length: int = 400
     image_size: int = 112
+    cameras: list[str] = field(default_factory=lambda: ["corner2"])
     obs_type: str = "pixels_agent_pos"
     render_mode: str = "rgb_array"
     features: dict[str, PolicyFeature] = field(default_factory=dict)
@@ -99,11 +143,17 @@ class MetaworldSizedEnv(EnvConfig):
     def __post_init__(self) -> None:
         if self.obs_type != "pixels_agent_pos":
             raise ValueError(f"obs_type must be 'pixels_agent_pos' (camera and state), not {self.obs_type!r}")
+        check_cameras(self.cameras)
+        image = PolicyFeature(type=FeatureType.VISUAL, shape=(self.image_size, self.image_size, 3))
         self.features = {
             "action": PolicyFeature(type=FeatureType.ACTION, shape=(4,)),
             "agent_pos": PolicyFeature(type=FeatureType.STATE, shape=(4,)),
-            "pixels/top": PolicyFeature(type=FeatureType.VISUAL, shape=(self.image_size, self.image_size, 3)),
         }
+        if len(self.cameras) == 1:
+            self.features["pixels/top"] = image
+        else:
+            self.features |= {f"pixels/{cam}": image for cam in self.cameras}
+            self.features_map |= {f"pixels/{cam}": f"{OBS_IMAGES}.{cam}" for cam in self.cameras}
 
     @property
     def gym_kwargs(self) -> dict:
@@ -117,7 +167,7 @@ class MetaworldSizedEnv(EnvConfig):
         check_task(self.task)
         vector_cls = gym.vector.AsyncVectorEnv if use_async_envs else gym.vector.SyncVectorEnv
         factory = [
-            lambda: sized_env(self.task, self.image_size, self.episode_length, **self.gym_kwargs)
+            lambda: sized_env(self.task, self.image_size, self.episode_length, tuple(self.cameras), **self.gym_kwargs)
         ] * n_envs  # fmt: skip
         return {self.task: {0: vector_cls(factory)}}
 
