@@ -9,6 +9,7 @@ with the same weights as an uninterrupted run is the family contract's, for ever
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,27 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path
     from safetensors.torch import load_file
 
     assert torch.isfinite(load_file(out / "checkpoint-4" / "model.safetensors")["weight"]).all()
+
+
+@pytest.mark.parametrize(("nan_at", "stopped_at"), [(5, 6), (7, 8)])
+def test_nan_loss_is_read_before_the_next_log_or_save_not_every_step(tmp_path, nan_at, stopped_at):
+    """The loss is checked on the host only before a log (every 3 steps) or a save (every 4), not each step (a host
+    sync): a NaN at step 5 stops the run at the log of step 6, one at step 7 at step 8, before its checkpoint is
+    written; the message names the step the loss went bad."""
+    from vla_recipes.trainers.base import NonFiniteError, VLATrainer
+
+    out = tmp_path / "out"
+    args = VLATrainingArguments(
+        output_dir=str(out), max_steps=10, per_device_train_batch_size=2, save_steps=4, logging_steps=3,
+        learning_rate=1e-2, use_cpu=True, report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+    data = [{"x": torch.randn(4), "y": torch.randn(())} for _ in range(32)]
+    trainer = VLATrainer(model=NaNAtCall(nan_at=nan_at), args=args, train_dataset=data)
+    with pytest.raises(NonFiniteError, match=f"the training loss is nan at step {nan_at};"):
+        trainer.train()
+    assert trainer.state.global_step == stopped_at
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4"]  # nothing saved after the NaN
+    assert not any(math.isnan(entry.get("loss", 0.0)) for entry in trainer.state.log_history)  # nor logged
 
 
 class EpochLog(torch.utils.data.Dataset):
