@@ -416,6 +416,75 @@ def test_batched_predict_action_equals_one_by_one(name):
         torch.testing.assert_close(one, batched[i : i + 1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def wide_root(tmp_path_factory) -> str:
+    """2 episodes x 8 frames of textured, non-square (240x320) video: larger than every tiny model's input, so each
+    family's frame-cache resize runs (keeping the aspect ratio or not)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    root = tmp_path_factory.mktemp("wide") / "wide"
+    features = {
+        CAMERA: {"dtype": "video", "shape": (240, 320, 3), "names": ["height", "width", "channels"]},
+        "observation.state": {"dtype": "float32", "shape": (8,), "names": None},
+        "action": {"dtype": "float32", "shape": (7,), "names": None},
+    }
+    dataset = LeRobotDataset.create("local/wide", fps=10, features=features, root=root, use_videos=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:240, 0:320]
+    for _ in range(2):
+        for t in range(8):
+            base = np.stack([xx + t * 8, yy, (xx + yy) // 2], axis=-1) % 256
+            frame = np.clip(base + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
+            state, action = rng.normal(size=8).astype(np.float32), rng.normal(size=7).astype(np.float32)
+            dataset.add_frame({CAMERA: frame, "observation.state": state, "action": action, "task": "wipe"})
+        dataset.save_episode()
+    dataset.finalize()
+    return str(root)
+
+
+@pytest.mark.parametrize("name", sorted(families()))
+def test_frame_cache_gives_the_processor_the_pixels_of_per_sample_decoding(name, wide_root, tmp_path):
+    """Frames cached at the family's ``frame_resize`` (or native) give its processor the pixel_values per-sample
+    decoding gives: identical for a resize the processor repeats exactly (square_bicubic, native), within one uint8
+    step for pi0.5's fit_bilinear (stored unpadded); states, action chunks and tasks identical."""
+    from vla_recipes.configs import DataArguments
+    from vla_recipes.data.lerobot import VLADataset, load_metadata, resolve_camera_keys
+
+    family = get_family(name)
+    config = tiny(family)
+    processor = family.new_processor(config, None)
+    resize = family.frame_resize_for(config)
+
+    def dataset(**kw) -> VLADataset:
+        args = DataArguments(
+            dataset_repo_id="local/wide", dataset_root=wide_root, frame_cache_dir=str(tmp_path), action_horizon=3, **kw
+        )
+        meta = load_metadata(args)
+        return VLADataset(meta, args, resolve_camera_keys(meta, args), [0, 1], frame_resize=resize)
+
+    cached, plain = dataset(), dataset(frame_cache=False)
+    assert cached.frames is not None and plain.frames is None
+    samples, references = [cached[i] for i in range(len(cached))], [plain[i] for i in range(len(plain))]
+    stored = (240, 320) if resize is None else resize.output_size(240, 320)
+    assert samples[0]["images"][0].shape == (3, *stored) and references[0]["images"][0].shape == (3, 240, 320)
+    assert resize is None or stored != (240, 320)  # the cache resized
+
+    def pixels(batch: list[dict]) -> torch.Tensor:
+        inputs = {"images": [s["images"] for s in batch], "text": [s["task"] for s in batch]}
+        return processor(**inputs, state=torch.stack([s["state"] for s in batch]))["pixel_values"]
+
+    ours, theirs = pixels(samples), pixels(references)
+    if resize is None or resize.mode == "square_bicubic":
+        assert torch.equal(ours, theirs)
+    else:
+        error = (ours - theirs).abs().max().item()
+        assert 0 < error <= 1 / 255 + 1e-6  # [-1, 1] range: half a uint8 step of [0, 1], doubled
+    for a, b in zip(samples, references, strict=True):
+        for key in ("state", "actions", "action_is_pad"):
+            assert torch.equal(a[key], b[key])
+        assert a["task"] == b["task"] == "wipe"
+
+
 def save_run(model, processor, model_args, folder: Path) -> None:
     """What sft.py does at the end of a run: ``hub.save_for_inference`` on a Trainer holding the model."""
     from transformers import Trainer
