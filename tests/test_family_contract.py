@@ -416,6 +416,55 @@ def test_batched_predict_action_equals_one_by_one(name):
         torch.testing.assert_close(one, batched[i : i + 1], atol=1e-5, rtol=1e-5)
 
 
+MODE_CASES = [
+    pytest.param(name, mode, id=f"{name}-{mode}")
+    for name in sorted(families())
+    for mode in ("full", "lora")
+    if mode in get_family(name).supported_modes
+]
+
+
+@pytest.mark.parametrize(("name", "mode"), MODE_CASES)
+def test_a_training_step_trains_what_the_mode_says(name, mode):
+    """One AdamW step on a batch the processor makes for training: full fine-tuning changes every trainable
+    parameter (none is dead weight); LoRA wraps exactly the model's ``lora_target_modules()`` and changes only the
+    adapters and the modules the family trains in full beside them (``modules_to_save``). Frozen weights stay."""
+    from peft.tuners.lora import LoraLayer
+
+    from vla_recipes.configs import ModelArguments
+    from vla_recipes.finetuning import apply_finetune_mode
+
+    family = get_family(name)
+    model = tiny_model(family, tiny(family)).train()
+    processor = family.new_processor(model.config, None)
+    g = torch.Generator().manual_seed(4)
+    chunk = {
+        "actions": torch.randn(2, 4, 7, generator=g),
+        "action_is_pad": torch.tensor([[False] * 4, [False] * 3 + [True]]),
+    }
+    batch = processor(**robot_inputs(model.config, size=2), **chunk)
+    targets = model.lora_target_modules()
+    if mode == "lora":
+        lora_args = ModelArguments(model_config={"model_type": name}, finetune_mode="lora", lora_r=4)
+        model = apply_finetune_mode(model, lora_args, modules_to_save=family.modules_to_save(model))
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    optimizer.step()
+
+    params = dict(model.named_parameters())
+    changed = {n for n, before in trainable.items() if not torch.equal(params[n].detach(), before)}
+    assert changed == set(trainable), sorted(set(trainable) - changed)[:10]
+    assert all(torch.equal(params[n].detach(), before) for n, before in frozen.items())
+    if mode == "lora":
+        base = model.get_base_model()
+        assert {n for n, m in base.named_modules() if isinstance(m, LoraLayer)} == set(targets)
+        assert all("lora_" in n or "modules_to_save" in n for n in trainable), sorted(trainable)[:10]
+
+
 @pytest.fixture(scope="module")
 def wide_root(tmp_path_factory) -> str:
     """2 episodes x 8 frames of textured, non-square (240x320) video: larger than every tiny model's input, so each
