@@ -18,7 +18,7 @@ import torch
 from accelerate import PartialState
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 
 from vla_recipes import checkpointing
 from vla_recipes.configs import RecipeError
@@ -160,6 +160,50 @@ class _AtomicCheckpoints(TrainerCallback):
             checkpointing.mark_complete(folder, state.global_step)
 
 
+class _PushedCheckpointMark(TrainerCallback):
+    """A checkpoint pushed to the Hub (``hub_strategy: checkpoint`` or ``all_checkpoints``) gets its completion mark
+    and ``recipe.json`` there too, so a Hub checkpoint is complete exactly when it has the mark, as a local one.
+
+    transformers pushes a checkpoint's files inside its save, before ``on_save`` writes the mark: the mark follows as
+    a second commit, queued behind the files (huggingface_hub runs ``run_as_future`` uploads one at a time, in order).
+    Only a checkpoint transformers did push gets one: it skips a save while the previous push is still running.
+    """
+
+    def __init__(self, trainer: VLATrainer) -> None:
+        self.trainer = trainer
+        self._jobs_before_save: tuple[int, int] | None = None
+
+    def _jobs(self) -> tuple[int, int] | None:
+        push = getattr(self.trainer, "push_in_progress", None)
+        return None if push is None else (id(push), len(push.jobs))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._jobs_before_save = self._jobs()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._jobs_before_save = self._jobs()
+
+    def on_save(self, args, state, control, **kwargs):
+        strategy = HubStrategy(args.hub_strategy)
+        pushes_checkpoints = strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS)
+        if not (args.push_to_hub and pushes_checkpoints and args.should_save) or self._jobs() == self._jobs_before_save:
+            return
+        from huggingface_hub import upload_folder
+
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        job = upload_folder(
+            repo_id=self.trainer.hub_model_id,
+            folder_path=folder,
+            path_in_repo="last-checkpoint" if strategy == HubStrategy.CHECKPOINT else os.path.basename(folder),
+            allow_patterns=[checkpointing.COMPLETE_MARK, checkpointing.RECIPE_NAME],
+            commit_message=f"Checkpoint of step {state.global_step} complete",
+            token=args.hub_token,
+            revision=args.hub_revision,
+            run_as_future=True,
+        )
+        self.trainer.push_in_progress.jobs.append(job)  # the final push waits for it too
+
+
 class VLATrainer(Trainer):
     """Subclasses implement :meth:`compute_metrics_from_outputs`; everything else is shared.
 
@@ -177,6 +221,7 @@ class VLATrainer(Trainer):
         self._nonfinite = _NonFiniteLoss(self)
         self.add_callback(self._nonfinite)  # before _AtomicCheckpoints: a bad loss stops the run before a save
         self.add_callback(_AtomicCheckpoints(lambda: self.recipe))
+        self.add_callback(_PushedCheckpointMark(self))  # after _AtomicCheckpoints: it pushes the mark that one writes
         self._throughput = _Throughput()
         self.add_callback(self._throughput)
         self._flop_parameters: int | None = None
