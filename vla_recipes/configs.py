@@ -23,10 +23,12 @@ import yaml
 from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser
 
-from vla_recipes.norm_modes import NORM_MODES
-
 FinetuneMode = Literal["full", "lora", "qlora", "expert_only"]
 ADAPTER_MODES = ("lora", "qlora")
+# The normalisation modes a recipe may name. data/normalize.py implements them and ships inside saved models as
+# remote code, so it cannot import this module, nor this module it (the argument layer sits below the data layer):
+# tests/test_pipeline.py checks that both name the same modes.
+NORM_MODES = ("bounds_q99", "quantiles", "mean_std", "min_max", "identity")
 # Recipe keys renamed to TRL's ModelConfig names: a recipe with the old key fails naming the new one.
 RENAMED_KEYS = {"bnb_4bit_use_double_quant": "use_bnb_nested_quant"}
 

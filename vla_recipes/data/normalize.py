@@ -29,20 +29,19 @@ absolute (as openpi and LeRobot). The statistics are those of the relative actio
 LeRobot's ``to_relative_actions`` / ``to_absolute_actions``, written out because models must not import LeRobot's
 processor package (seconds of imports) to add a vector. The recipe check is ``lerobot.relative_action_mask``.
 
-This module imports nothing from the package but the mode names (``norm_modes.py``): it travels with a saved
-model's remote code, that file beside it.
+This module imports nothing from the package: it travels with a saved model's remote code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
-from ..norm_modes import NORM_MODES
-
+NormMode = Literal["bounds_q99", "quantiles", "mean_std", "min_max", "identity"]
+NORM_MODES: tuple[str, ...] = get_args(NormMode)
 EPS = 1e-8
 
 # Which statistics each mode reads; used to fail early when a dataset lacks them.
