@@ -708,19 +708,15 @@ LOSS_FALL = 0.75
 STANDARD_LOGS = {"loss", "grad_norm", "learning_rate", "epoch", "step"}
 
 
-@pytest.mark.parametrize("name", sorted(families()))
-def test_trains_through_sft_saves_and_reloads(name, tmp_path, two_camera_root):
-    """``accelerate launch recipes/sft.py`` on the family's demo recipe shrunk to 3 episodes of the two-camera set
-    and 60 steps: the loss falls, eval reports the family's metrics, the card names the data, the output folder
-    reloads with AutoModel / AutoProcessor with the run's data settings, and batched ``predict_action`` equals one
-    by one on the trained model."""
-    family, out = get_family(name), tmp_path / "out"
-    recipe = {
+def sft_recipe(name: str, folder: Path, dataset_root: str) -> dict[str, Any]:
+    """The family's demo recipe shrunk to 3 episodes of the two-camera set and 60 steps (a cosine schedule: the
+    demo's own is sized for hundreds of steps)."""
+    return {
         **demo(name),
-        "dataset_root": two_camera_root,
+        "dataset_root": dataset_root,
         "train_episodes": ["0:3"],
         "eval_episodes": ["3:4"],
-        "output_dir": str(out),
+        "output_dir": str(folder / "out"),
         "max_steps": 60,
         "lr_scheduler_type": "cosine",
         "lr_scheduler_kwargs": {},
@@ -734,12 +730,38 @@ def test_trains_through_sft_saves_and_reloads(name, tmp_path, two_camera_root):
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
     }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = accelerate_launch("recipes/sft.py", "--config", str(tmp_path / "recipe.yaml"), env=family_env(name))
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory, two_camera_root) -> dict[str, tuple[dict[str, Any], Any]]:
+    """Every family's ``accelerate launch recipes/sft.py`` run (its recipe and result), two at a time: a run is
+    mostly an interpreter start, and CI has two cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("sft")
+
+    def launch(name: str) -> tuple[dict[str, Any], Any]:
+        recipe = sft_recipe(name, root / name, two_camera_root)
+        (root / name).mkdir()
+        (root / name / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        command = ("recipes/sft.py", "--config", str(root / name / "recipe.yaml"))
+        return recipe, accelerate_launch(*command, env=family_env(name))
+
+    names = sorted(families())
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(names, pool.map(launch, names), strict=True))
+
+
+@pytest.mark.parametrize("name", sorted(families()))
+def test_trains_through_sft_saves_and_reloads(name, sft_runs):
+    """``accelerate launch recipes/sft.py`` on the family's demo recipe (``sft_recipe``): the loss falls, eval
+    reports the family's metrics, the card names the data, the output folder reloads with AutoModel / AutoProcessor
+    with the run's data settings, and batched ``predict_action`` equals one by one on the trained model."""
+    family, (recipe, result) = get_family(name), sft_runs[name]
+    out = Path(recipe["output_dir"])
     assert result.returncode == 0, result.stderr[-3000:]
 
     losses = logged(out, "loss")
-    print(f"\n{name} losses: {losses}")
     assert len(losses) == 6 and sum(losses[-2:]) < LOSS_FALL * sum(losses[:2]), losses
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     metrics = {key for entry in history if "loss" in entry for key in entry} - STANDARD_LOGS
