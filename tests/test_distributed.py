@@ -378,11 +378,13 @@ def test_flow_matching_draws_depend_on_the_sample_only():
 def test_openvla_ddp_and_accumulation_equal_one_big_batch(tmp_path, dataset_root):
     """Also (issue 14) the family metrics, summed on the device and reduced once per log, equal one process's; the
     dataset checks and statistics run on the main process alone (rank 1 neither computes them nor reads the cache:
-    one "norm stats" line), and one process builds each frame-cache entry."""
+    one "norm stats" line), one process builds each frame-cache entry, and only the main process logs at INFO."""
     single, ddp, accumulated = check_layouts(tmp_path, dataset_root, "openvla")
     assert_same_metrics(single, ddp)
     assert_same_metrics(single, accumulated)
     assert len(re.findall(r"norm stats: (computed|reused)", ddp["stderr"])) == 1, ddp["stderr"][-3000:]
+    # INFO lines come from the main process alone (the run's summary line once, not once per rank)
+    assert len(re.findall(r"INFO vla_recipes\.pipeline: training openvla", ddp["stderr"])) == 1, ddp["stderr"][-3000:]
     assert ddp["stderr"].count("frame cache: wrote") <= 1
 
 

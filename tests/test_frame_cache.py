@@ -1,4 +1,5 @@
-"""The decoded frame cache: same samples as LeRobot's per-sample decoding, reuse, invalidation, failures."""
+"""The decoded frame cache: same samples as LeRobot's per-sample decoding, reuse, invalidation, failures (what each
+family's processor makes of the cached frames is the family contract's, tests/test_family_contract.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import shutil
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -60,31 +60,6 @@ def count_decodes(monkeypatch) -> list[Path]:
     return decoded
 
 
-@pytest.fixture(scope="module")
-def wide_root(tmp_path_factory) -> str:
-    """3 episodes x 10 frames of textured, non-square (48x64) video: resizes that keep the aspect ratio."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
-
-    root = tmp_path_factory.mktemp("wide") / "wide"
-    features = {
-        CAMERA: {"dtype": "video", "shape": (48, 64, 3), "names": ["height", "width", "channels"]},
-        "observation.state": {"dtype": "float32", "shape": (2,), "names": ["x", "y"]},
-        "action": {"dtype": "float32", "shape": (2,), "names": ["dx", "dy"]},
-    }
-    dataset = LeRobotDataset.create("local/wide", fps=10, features=features, root=root, use_videos=True)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:48, 0:64]
-    for _ in range(3):
-        for t in range(10):
-            base = np.stack([xx * 4 + t * 8, yy * 5, (xx + yy) * 2], axis=-1) % 256
-            frame = np.clip(base + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
-            action = rng.normal(size=2).astype(np.float32)
-            dataset.add_frame({CAMERA: frame, "observation.state": action, "action": action, "task": "wipe"})
-        dataset.save_episode()
-    dataset.finalize()
-    return str(root)
-
-
 def test_native_size_cache_is_bit_identical(dataset_root, tmp_path):
     """Every sample of a subset of episodes: images, state, action chunks (padded at episode ends), task."""
     cached = vla_dataset(dataset_root, tmp_path, [1, 2, 4], action_horizon=5)
@@ -96,33 +71,17 @@ def test_native_size_cache_is_bit_identical(dataset_root, tmp_path):
     assert not cached[16]["action_is_pad"].any()
 
 
-@pytest.mark.parametrize("name", sorted(package_families()))
-def test_resized_cache_gives_the_processor_the_same_pixels(wide_root, tmp_path, name):
-    """After the family's real image processor: OpenVLA's pixel_values (square_bicubic) are identical, pi0.5's
-    (fit_bilinear) within one uint8 step."""
-    family = get_family(name)
-    assert family.frame_resize_for(family.config_class()) == FrameResize(family.frame_resize, 224)  # the default size
-    resize = FrameResize(family.frame_resize, 32)
-    processor = family.image_processor_class(image_size=32, camera_keys=[CAMERA])
-    # fit_bilinear keeps the aspect, stored unpadded
-    cached_shape = {"square_bicubic": (3, 32, 32), "fit_bilinear": (3, 24, 32)}[family.frame_resize]
-    assert FrameResize(resize.mode, 64).output_size(48, 64) == (48, 64)  # not larger than the input: native
-    cached = vla_dataset(wide_root, tmp_path, [0, 2], frame_resize=resize, action_horizon=3)
-    plain = vla_dataset(wide_root, tmp_path, [0, 2], action_horizon=3, frame_cache=False)
-    samples = [cached[i] for i in range(len(cached))]
-    references = [plain[i] for i in range(len(plain))]
-    assert samples[0]["images"][0].shape == cached_shape and references[0]["images"][0].shape == (3, 48, 64)
-    ours = processor([s["images"][0] for s in samples])["pixel_values"]
-    theirs = processor([s["images"][0] for s in references])["pixel_values"]
-    if family.frame_resize == "square_bicubic":
-        assert torch.equal(ours, theirs)
-    else:
-        error = (ours - theirs).abs().max().item()
-        assert 0 < error <= 1 / 255 + 1e-6  # [-1, 1] range: half a uint8 step of [0, 1], doubled
-    for a, b in zip(samples, references, strict=True):
-        for key in ("state", "actions", "action_is_pad"):
-            assert torch.equal(a[key], b[key])
-        assert a["task"] == b["task"] == "wipe"
+def test_frame_resize_sizes():
+    """What a cached frame's size is (that the processor then gives the per-sample pixels is the family contract's,
+    tests/test_family_contract.py): square_bicubic squares, fit_bilinear keeps the aspect, stored unpadded, and a
+    frame no larger than the input stays native; the families' default configs resize to 224."""
+    assert FrameResize("square_bicubic", 32).output_size(48, 64) == (32, 32)
+    assert FrameResize("fit_bilinear", 32).output_size(48, 64) == (24, 32)
+    for mode in ("square_bicubic", "fit_bilinear"):
+        assert FrameResize(mode, 64).output_size(48, 64) == (48, 64)  # not larger than the input: native
+    for name in package_families():
+        family = get_family(name)
+        assert family.frame_resize_for(family.config_class()) == FrameResize(family.frame_resize, 224)
 
 
 def test_multi_camera(two_camera_root, tmp_path):

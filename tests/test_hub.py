@@ -188,6 +188,17 @@ def test_push_to_hub_end_to_end(tmp_path, dataset_root):
     assert {f"last-checkpoint/{n}" for n in ("optimizer.pt", "model.safetensors", "trainer_state.json")} <= set(
         checkpoint_commits[0].files
     )
+    # ... then its completion mark and recipe, in a commit queued after the files: a Hub checkpoint with the mark is
+    # whole (the files commit, uploaded from a thread, may or may not have listed the mark already)
+    from vla_recipes.checkpointing import COMPLETE_MARK
+
+    marks = [c for c in hub.commits if c.message.startswith("Checkpoint of step")]
+    # one per checkpoint transformers pushed (it skips a save while the previous push still runs), in step order
+    pushed_steps = [int(c.message.split()[4].rstrip(",")) for c in checkpoint_commits]
+    assert [c.message for c in marks] == [f"Checkpoint of step {step} complete" for step in pushed_steps]
+    assert set(marks[0].files) == {f"last-checkpoint/{COMPLETE_MARK}", "last-checkpoint/recipe.json"}
+    assert json.loads(marks[0].files[f"last-checkpoint/{COMPLETE_MARK}"])["global_step"] == 2
+    assert hub.commits.index(marks[0]) > hub.commits.index(checkpoint_commits[0])
 
     final, out = hub.commits[-1], tmp_path / "out"
     assert (final.repo_id, final.message) == (repo, "End of training")

@@ -126,7 +126,9 @@ def test_trl_model_config_keys_and_finetune_mode_agree(tmp_path):
 
 
 def test_the_recipe_names_the_normalisation_modes_there_are():
-    """configs.py cannot import the data layer (nor data/normalize.py, shipped as remote code, configs.py)."""
+    """configs.py cannot import the data layer, nor data/normalize.py (shipped as remote code) configs.py, nor any
+    module: transformers copies a local folder's remote code one import level deep, so a module normalize.py
+    imports (a shared ``norm_modes.py``) is missing from the modules cache and the folder fails to load."""
     from vla_recipes.configs import NORM_MODES
     from vla_recipes.data import normalize
 

@@ -19,6 +19,9 @@ from vla_recipes.pipeline import FinetuneResult, run
 
 def main(args: list[str] | None = None) -> FinetuneResult:
     model_args, data_args, training_args = parse_recipe(args)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # INFO on the process that logs (the main one; each node's with log_on_each_node), warnings and errors on all:
+    # 64 ranks repeating every line would bury the one that matters.
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     return run(model_args, data_args, training_args)

@@ -18,7 +18,7 @@ import torch
 from accelerate import PartialState
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 
 from vla_recipes import checkpointing
 from vla_recipes.configs import RecipeError
@@ -77,6 +77,57 @@ class _Throughput(TrainerCallback):
         return logs
 
 
+class _NonFiniteLoss(TrainerCallback):
+    """Stop on a NaN/inf training loss before anything is logged, evaluated or saved after it.
+
+    Each micro-step only records, on the device, the first step whose loss was not finite (and that loss): reading
+    it every step would make the host wait for the device at every step. It is read, and gathered across processes
+    (every process reaches the same points), where it matters: before a log, an evaluation, a save, and the end.
+    """
+
+    def __init__(self, trainer: VLATrainer) -> None:
+        self.trainer = trainer
+        self.step: torch.Tensor | None = None  # 0: every loss so far finite
+        self.value: torch.Tensor | None = None
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float().reshape(())
+        if self.step is None:
+            self.step = torch.zeros((), dtype=torch.long, device=loss.device)
+            self.value = torch.zeros((), device=loss.device)
+        first = (self.step == 0) & ~torch.isfinite(loss)
+        self.step = torch.where(first, step, self.step)
+        self.value = torch.where(first, loss, self.value)
+
+    def check(self, args) -> None:
+        if self.step is None:
+            return
+        steps = self.step.reshape(1)
+        if args.world_size > 1:
+            steps = self.trainer.accelerator.gather(steps)
+        found = [step for step in steps.tolist() if step]
+        if not found:
+            return
+        step = min(found)
+        value = self.value.item() if self.step.item() == step else "not finite on another process"
+        last = checkpointing.last_complete_checkpoint(args.output_dir)
+        kept = f"the last good checkpoint is {str(last)!r}" if last else "no checkpoint was saved before it"
+        raise NonFiniteError(
+            f"the training loss is {value} at step {step}; stopped, nothing saved after it ({kept}); look for "
+            "NaN/inf in the data, or lower learning_rate before resuming"
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
+            self.check(args)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.on_step_end(args, state, control)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.check(args)
+
+
 class _AtomicCheckpoints(TrainerCallback):
     """Make every checkpoint atomic (see ``checkpointing``) around the Trainer's own save.
 
@@ -109,6 +160,50 @@ class _AtomicCheckpoints(TrainerCallback):
             checkpointing.mark_complete(folder, state.global_step)
 
 
+class _PushedCheckpointMark(TrainerCallback):
+    """A checkpoint pushed to the Hub (``hub_strategy: checkpoint`` or ``all_checkpoints``) gets its completion mark
+    and ``recipe.json`` there too, so a Hub checkpoint is complete exactly when it has the mark, as a local one.
+
+    transformers pushes a checkpoint's files inside its save, before ``on_save`` writes the mark: the mark follows as
+    a second commit, queued behind the files (huggingface_hub runs ``run_as_future`` uploads one at a time, in order).
+    Only a checkpoint transformers did push gets one: it skips a save while the previous push is still running.
+    """
+
+    def __init__(self, trainer: VLATrainer) -> None:
+        self.trainer = trainer
+        self._jobs_before_save: tuple[int, int] | None = None
+
+    def _jobs(self) -> tuple[int, int] | None:
+        push = getattr(self.trainer, "push_in_progress", None)
+        return None if push is None else (id(push), len(push.jobs))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._jobs_before_save = self._jobs()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._jobs_before_save = self._jobs()
+
+    def on_save(self, args, state, control, **kwargs):
+        strategy = HubStrategy(args.hub_strategy)
+        pushes_checkpoints = strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS)
+        if not (args.push_to_hub and pushes_checkpoints and args.should_save) or self._jobs() == self._jobs_before_save:
+            return
+        from huggingface_hub import upload_folder
+
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        job = upload_folder(
+            repo_id=self.trainer.hub_model_id,
+            folder_path=folder,
+            path_in_repo="last-checkpoint" if strategy == HubStrategy.CHECKPOINT else os.path.basename(folder),
+            allow_patterns=[checkpointing.COMPLETE_MARK, checkpointing.RECIPE_NAME],
+            commit_message=f"Checkpoint of step {state.global_step} complete",
+            token=args.hub_token,
+            revision=args.hub_revision,
+            run_as_future=True,
+        )
+        self.trainer.push_in_progress.jobs.append(job)  # the final push waits for it too
+
+
 class VLATrainer(Trainer):
     """Subclasses implement :meth:`compute_metrics_from_outputs`; everything else is shared.
 
@@ -123,7 +218,10 @@ class VLATrainer(Trainer):
         self._metrics = {"train": MetricSums(), "eval": MetricSums()}
         if hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(_DatasetEpoch(self.train_dataset))
+        self._nonfinite = _NonFiniteLoss(self)
+        self.add_callback(self._nonfinite)  # before _AtomicCheckpoints: a bad loss stops the run before a save
         self.add_callback(_AtomicCheckpoints(lambda: self.recipe))
+        self.add_callback(_PushedCheckpointMark(self))  # after _AtomicCheckpoints: it pushes the mark that one writes
         self._throughput = _Throughput()
         self.add_callback(self._throughput)
         self._flop_parameters: int | None = None
@@ -140,17 +238,7 @@ class VLATrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
-        if self.args.world_size > 1:  # every process stops at this step; the others would wait in the next all-reduce
-            finite = self.accelerator.gather(finite)
-        if not finite.all():
-            last = checkpointing.last_complete_checkpoint(self.args.output_dir)
-            kept = f"the last good checkpoint is {str(last)!r}" if last else "no checkpoint was saved before it"
-            value = loss.item() if not torch.isfinite(loss) else "not finite on another process"
-            raise NonFiniteError(
-                f"the training loss is {value} at step {self.state.global_step + 1}; stopped, nothing saved "
-                f"after it ({kept}); look for NaN/inf in the data, or lower learning_rate before resuming"
-            )
+        self._nonfinite.record(loss, self.state.global_step + 1)
         return loss
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -165,8 +253,12 @@ class VLATrainer(Trainer):
         for obj, name in ((self.optimizer, OPTIMIZER_NAME), (self.lr_scheduler, SCHEDULER_NAME)):
             obj.load_state_dict(torch.load(os.path.join(checkpoint, name), map_location="cpu", weights_only=True))
 
-    def compute_metrics_from_outputs(self, inputs: dict, outputs) -> dict[str, torch.Tensor]:
-        """Scalar metrics of one micro-batch (no grad); the loss itself is logged by the Trainer."""
+    def compute_metrics_from_outputs(
+        self, inputs: dict, outputs
+    ) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """Scalar metrics of one micro-batch (no grad), kept on the device; the loss itself is logged by the Trainer.
+        A ``(value, count)`` pair weights the value in the window's mean (count 0: the metric does not apply to this
+        micro-batch), decided on the device: a Python ``if`` on a tensor would make the host wait every step."""
         return {}
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
@@ -174,7 +266,7 @@ class VLATrainer(Trainer):
         mode = "train" if model.training else "eval"
         with torch.no_grad():
             for name, value in self.compute_metrics_from_outputs(inputs, outputs).items():
-                self._metrics[mode].add(name, value)
+                self._metrics[mode].add(name, *(value if isinstance(value, tuple) else (value,)))
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):

@@ -19,12 +19,15 @@ class MetricSums:
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, torch.Tensor] = {}
 
-    def add(self, name: str, value: torch.Tensor) -> None:
+    def add(self, name: str, value: torch.Tensor, count: torch.Tensor | float = 1.0) -> None:
+        """One micro-batch's value. ``count`` 0 (a device tensor: deciding it on the host would sync): the metric
+        does not apply to this micro-batch (OpenVLA's action metrics on a batch without action tokens)."""
         value = value.detach().float().reshape(())
-        self._sums[name] = self._sums[name] + value if name in self._sums else value
-        self._counts[name] = self._counts.get(name, 0) + 1
+        count = torch.as_tensor(count, dtype=value.dtype, device=value.device).reshape(())
+        self._sums[name] = self._sums[name] + value * count if name in self._sums else value * count
+        self._counts[name] = self._counts[name] + count if name in self._counts else count
 
     def means(self, accelerator: Accelerator) -> dict[str, float]:
         """Every metric's mean over the window and the processes; starts the next window.
@@ -39,7 +42,7 @@ class MetricSums:
             return {}
         zero = torch.zeros((), device=accelerator.device)
         sums = torch.stack([self._sums.get(name, zero).to(accelerator.device) for name in names])
-        counts = torch.tensor([self._counts.get(name, 0) for name in names], dtype=sums.dtype, device=sums.device)
+        counts = torch.stack([self._counts.get(name, zero).to(accelerator.device) for name in names])
         totals = accelerator.reduce(torch.cat([sums, counts]), reduction="sum").tolist()
         self._sums.clear()
         self._counts.clear()
