@@ -74,7 +74,9 @@ def check_cameras(cameras: list[str]) -> None:
         raise RecipeError(f"cameras must be distinct MetaWorld cameras among {list(CAMERAS)}, not {cameras}")
 
 
-def sized_env(task: str, image_size: int, episode_length: int, cameras: tuple[str, ...] = ("corner2",), **gym_kwargs: Any):
+def sized_env(
+    task: str, image_size: int, episode_length: int, cameras: tuple[str, ...] = ("corner2",), **gym_kwargs: Any
+):
     """One LeRobot ``MetaworldEnv`` whose cameras render ``image_size`` pixels square, cut at ``episode_length``.
 
     The first camera is LeRobot's own (``camera_name``, with its flip for ``corner2``); further cameras are rendered
