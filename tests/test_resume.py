@@ -134,16 +134,23 @@ class NaNAtCall(nn.Module):
         return {"loss": loss}
 
 
-def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    from vla_recipes.trainers.base import NonFiniteError, VLATrainer
+def nan_trainer(out, nan_at: int, **schedule):
+    """A VLATrainer on toy regression data whose model's loss turns NaN at call ``nan_at``."""
+    from vla_recipes.trainers.base import VLATrainer
 
-    out = tmp_path / "out"
     args = VLATrainingArguments(
-        output_dir=str(out), max_steps=8, per_device_train_batch_size=2, save_steps=2, logging_steps=1,
-        learning_rate=1e-2, use_cpu=True, report_to="none", disable_tqdm=True,
+        output_dir=str(out), per_device_train_batch_size=2, learning_rate=1e-2, use_cpu=True, report_to="none",
+        disable_tqdm=True, **schedule,
     )  # fmt: skip
     data = [{"x": torch.randn(4), "y": torch.randn(())} for _ in range(32)]
-    trainer = VLATrainer(model=NaNAtCall(nan_at=5), args=args, train_dataset=data)
+    return VLATrainer(model=NaNAtCall(nan_at=nan_at), args=args, train_dataset=data)
+
+
+def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    from vla_recipes.trainers.base import NonFiniteError
+
+    out = tmp_path / "out"
+    trainer = nan_trainer(out, nan_at=5, max_steps=8, save_steps=2, logging_steps=1)
     with pytest.raises(NonFiniteError) as error:
         trainer.train()
     message = str(error.value)
@@ -162,15 +169,10 @@ def test_nan_loss_is_read_before_the_next_log_or_save_not_every_step(tmp_path, n
     """The loss is checked on the host only before a log (every 3 steps) or a save (every 4), not each step (a host
     sync): a NaN at step 5 stops the run at the log of step 6, one at step 7 at step 8, before its checkpoint is
     written; the message names the step the loss went bad."""
-    from vla_recipes.trainers.base import NonFiniteError, VLATrainer
+    from vla_recipes.trainers.base import NonFiniteError
 
     out = tmp_path / "out"
-    args = VLATrainingArguments(
-        output_dir=str(out), max_steps=10, per_device_train_batch_size=2, save_steps=4, logging_steps=3,
-        learning_rate=1e-2, use_cpu=True, report_to="none", disable_tqdm=True,
-    )  # fmt: skip
-    data = [{"x": torch.randn(4), "y": torch.randn(())} for _ in range(32)]
-    trainer = VLATrainer(model=NaNAtCall(nan_at=nan_at), args=args, train_dataset=data)
+    trainer = nan_trainer(out, nan_at=nan_at, max_steps=10, save_steps=4, logging_steps=3)
     with pytest.raises(NonFiniteError, match=f"the training loss is nan at step {nan_at};"):
         trainer.train()
     assert trainer.state.global_step == stopped_at
