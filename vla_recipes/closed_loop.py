@@ -37,8 +37,9 @@ def env_config(env: str, env_kwargs: str | dict):
 
 def match_env(config, env_cfg, camera_map: str | None) -> dict[str, str]:
     """Check the model against the env (actions, cameras, state) and return model camera -> observation key."""
-    from lerobot.configs import FeatureType
     from lerobot.utils.constants import ACTION, OBS_STATE
+
+    from vla_recipes.envs import env_camera_keys
 
     features = {env_cfg.features_map.get(key, key): ft for key, ft in env_cfg.features.items()}
     env_action = features[ACTION].shape[0]
@@ -47,7 +48,7 @@ def match_env(config, env_cfg, camera_map: str | None) -> dict[str, str]:
             f"the model predicts {config.action_dim}-dim actions but the {env_cfg.type!r} env takes {env_action}-dim "
             "ones; roll out a model fine-tuned on this env's data"
         )
-    cameras = [key for key, ft in features.items() if ft.type is FeatureType.VISUAL]
+    cameras = env_camera_keys(env_cfg)
     if camera_map:
         mapping = dict(item.split("=", 1) for item in camera_map.split(","))
     elif set(config.camera_keys) <= set(cameras):

@@ -56,20 +56,15 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     return cli
 
 
-def image_keys(env_cfg) -> list[str]:
-    """The dataset keys of the env's cameras (``observation.image``, or ``observation.images.<camera>`` for several)."""
-    from lerobot.configs import FeatureType
-
-    return [env_cfg.features_map[key] for key, ft in env_cfg.features.items() if ft.type is FeatureType.VISUAL]
-
-
 def dataset_features(env_cfg) -> dict:
     """LeRobot features of a MetaWorld dataset: the env's cameras (lossless images), 4-dim state and action."""
     from lerobot.utils.constants import ACTION, OBS_STATE
 
+    from vla_recipes.envs import env_camera_keys
+
     size = env_cfg.image_size
     image = {"dtype": "image", "shape": (size, size, 3), "names": ["height", "width", "channels"]}
-    return {key: image for key in image_keys(env_cfg)} | {
+    return {key: image for key in env_camera_keys(env_cfg)} | {
         OBS_STATE: {"dtype": "float32", "shape": (4,), "names": ["x", "y", "z", "gripper_distance"]},
         ACTION: {"dtype": "float32", "shape": (4,), "names": ["dx", "dy", "dz", "grip_effort"]},
     }
@@ -115,6 +110,7 @@ def collect(cli: argparse.Namespace) -> Path:
     from lerobot.envs import make_env, make_env_config, make_env_pre_post_processors
     from tqdm import tqdm
 
+    from vla_recipes.envs import env_camera_keys
     from vla_recipes.envs.metaworld import ENV_TYPE, check_renderer, check_task
 
     root = Path(cli.root)
@@ -125,14 +121,14 @@ def collect(cli: argparse.Namespace) -> Path:
         raise RecipeError(f"--root {root} exists but is not a LeRobot dataset; pick another folder or delete it")
     check_renderer()
     check_task(cli.task)
-    env_kwargs = {"task": cli.task, "image_size": cli.image_size, "episode_length": cli.episode_length}
-    if cli.cameras != ["corner2"]:
-        env_kwargs["cameras"] = cli.cameras
+    env_kwargs = {
+        "task": cli.task, "image_size": cli.image_size, "episode_length": cli.episode_length, "cameras": cli.cameras
+    }  # fmt: skip
     env_cfg = make_env_config(ENV_TYPE, **env_kwargs)
     vector_env = make_env(env_cfg, n_envs=1)[cli.task][0]
     env_preprocessor, _ = make_env_pre_post_processors(env_cfg, None)
     task = vector_env.envs[0].task_description
-    cameras = image_keys(env_cfg)
+    cameras = env_camera_keys(env_cfg)
 
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # what an interrupted run left

@@ -85,6 +85,8 @@ def sized_env(
     from lerobot.envs.metaworld import MetaworldEnv
 
     class SizedMetaworldEnv(MetaworldEnv):
+        _extra_renderer = None  # MuJoCo's Renderer for the cameras after the first, made at their first frame
+
         def _ensure_env(self) -> None:
             created = self._env is None
             super()._ensure_env()
@@ -92,7 +94,6 @@ def sized_env(
                 renderer = self._env.mujoco_renderer
                 renderer.width, renderer.height = self.observation_width, self.observation_height
                 self._env.model.light_castshadow[:] = 0  # a software renderer spends 4/5 of a frame on shadows
-                self._extra_renderer = None
 
         def _format_raw_obs(self, raw_obs: np.ndarray) -> dict:
             obs = super()._format_raw_obs(raw_obs)
@@ -109,7 +110,7 @@ def sized_env(
             return self._extra_renderer.render()
 
         def close(self) -> None:
-            if getattr(self, "_extra_renderer", None) is not None:
+            if self._extra_renderer is not None:
                 self._extra_renderer.close()
             super().close()
 

@@ -14,11 +14,11 @@ def action_token_metrics(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``action_accuracy`` and ``action_l1`` over the action tokens of ``targets`` (next-token ids, any shape), each
     as ``(value, count)``: count 0 when the batch has no action token. Computed on the device (the decode is a lookup
-    of the bin centres, ``ActionTokenizer.decode_token_ids_to_actions`` in float32): no host sync per micro-step."""
+    of the tokenizer's bin centres, ``ActionTokenizer.decode_token_ids_to_actions`` in float32): no host sync per
+    micro-step."""
     mask = targets > tokenizer.action_token_begin_idx
     count = mask.sum()
-    edges = torch.linspace(tokenizer.min_action, tokenizer.max_action, tokenizer.n_bins, device=targets.device)
-    centers = (edges[:-1] + edges[1:]) / 2
+    centers = torch.as_tensor(tokenizer.bin_centers, dtype=torch.float32, device=targets.device)
 
     def decode(ids: torch.Tensor) -> torch.Tensor:
         return centers[(tokenizer.vocab_size - ids - 1).clamp(0, centers.shape[0] - 1)]
