@@ -801,7 +801,7 @@ RESUME_CASES = [
     for setup, (mode, _, _) in RESUME_SETUPS.items()
     if mode in get_family(name).supported_modes
 ]
-KILL_AT = 6  # kill the moment checkpoint-6 appears, i.e. while it is being written
+KILLS = (6, 9)  # kill the moment checkpoint-6 (or 9) appears, i.e. while it is being written
 
 
 def resume_recipe(folder: Path, dataset_root: str, name: str, mode: str, processes: int, workers: int) -> Path:
@@ -877,7 +877,14 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, dataset_ro
     out = tmp_path / "resumed" / "out"
     with ThreadPoolExecutor(2) as pool:  # the reference and the run to kill side by side: the CI machine has 2 cores
         reference = pool.submit(launch, "reference")
-        killed = pool.submit(launch, "resumed", until=lambda: (out / f"checkpoint-{KILL_AT}").exists())
+        # Killed once checkpoint-6 or, if the poll missed it, checkpoint-9 is there, before the final weights are.
+        killed = pool.submit(
+            launch,
+            "resumed",
+            until=lambda: (
+                not any(out.glob("*.safetensors")) and any((out / f"checkpoint-{step}").exists() for step in KILLS)
+            ),
+        )
         reference, killed = reference.result(), killed.result()
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert killed.returncode == -9, killed.stderr[-3000:]
