@@ -88,6 +88,23 @@ def test_collector_frames_equal_the_rollout_envs(collected, capsys):
     assert json.loads((collected / "meta/info.json").read_text())["total_episodes"] == 1
 
 
+def test_first_frame_shows_this_episodes_goal():
+    """MetaWorld's reset moves reach-v3's goal site after its last ``mj_forward``; rendered as is, an episode's first
+    frame showed the goal elsewhere, so the demonstrations' first frames and a policy's first chunk in closed loop
+    saw a goal that was not there (benchmarks/closed_loop_runs.md, run 27). The first frame must show the scene
+    as the simulator state has it: recomputing every position changes no pixel."""
+    import mujoco
+
+    from vla_recipes.envs.metaworld import sized_env
+
+    env = sized_env(TASK, SIZE, 10)
+    for seed in (100_000, 100_001):
+        first, _ = env.reset(seed=seed)
+        mujoco.mj_forward(env._env.model, env._env.data)
+        np.testing.assert_array_equal(first["pixels"], env.render())
+    env.close()
+
+
 def test_collector_bad_input(tmp_path, monkeypatch):
     root = tmp_path / "data"
     with pytest.raises(RecipeError, match=r"unknown MetaWorld task 'reach-v9'; valid tasks: .*drawer-open-v3"):

@@ -96,6 +96,11 @@ def sized_env(
                 self._env.model.light_castshadow[:] = 0  # a software renderer spends 4/5 of a frame on shadows
 
         def _format_raw_obs(self, raw_obs: np.ndarray) -> dict:
+            import mujoco
+
+            # MetaWorld's reset_model moves sites (reach-v3's goal) after its last mj_forward: the first frame of an
+            # episode showed the goal somewhere else. Recomputing positions fixes it and changes nothing after a step.
+            mujoco.mj_forward(self._env.model, self._env.data)
             obs = super()._format_raw_obs(raw_obs)
             if len(cameras) > 1:
                 obs["pixels"] = {cameras[0]: obs["pixels"]} | {cam: self._render(cam) for cam in cameras[1:]}
