@@ -13,17 +13,16 @@ import numpy as np
 
 from vla_recipes.envs.metaworld import sized_env
 
-GOAL_LOW, GOAL_HIGH = np.array([-0.1, 0.8, 0.05]), np.array([0.1, 0.9, 0.3])  # SawyerReachEnvV3's goal box
 SUCCESS_RADIUS = 0.05
 
 
-def bound(camera_position: np.ndarray, goals: np.ndarray) -> float:
+def bound(camera_position: np.ndarray, goals: np.ndarray, low: np.ndarray, high: np.ndarray) -> float:
     hits = []
     distances = np.linspace(0.0, 3.0, 6001)
     for goal in goals:
         ray = (goal - camera_position) / np.linalg.norm(goal - camera_position)
         points = camera_position + distances[:, None] * ray
-        inside = np.all((points >= GOAL_LOW) & (points <= GOAL_HIGH), axis=1)
+        inside = np.all((points >= low) & (points <= high), axis=1)
         weights = distances[inside] ** 2
         guess = (points[inside] * weights[:, None]).sum(0) / weights.sum()
         hits.append(np.linalg.norm(guess - goal) < SUCCESS_RADIUS)
@@ -35,10 +34,12 @@ def main() -> None:
     env.reset(seed=0)  # builds the MuJoCo model with LeRobot's corner2 pose
     model, data = env._env.model, env._env.data
     mujoco.mj_forward(model, data)
-    goals = np.random.default_rng(0).uniform(GOAL_LOW, GOAL_HIGH, size=(2000, 3))
+    low, high = env._env.goal_space.low, env._env.goal_space.high  # where SawyerReachEnvV3 draws its goals
+    goals = np.random.default_rng(0).uniform(low, high, size=(2000, 3))
     for camera in ("corner2", "topview"):
         position = data.cam_xpos[mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, camera)]
-        print(f"{camera} at {position.round(3)}: best guess within 5 cm for {bound(position, goals):.1%} of goals")
+        share = bound(position, goals, low, high)
+        print(f"{camera} at {position.round(3)}: best guess within 5 cm for {share:.1%} of goals")
     env.close()
 
 

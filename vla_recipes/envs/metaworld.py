@@ -8,8 +8,10 @@ registered here is LeRobot's env with those two fields honoured: the camera rend
 (the model's own size, so its processor's resize is a no-op and collection and rollout see the very same pixels)
 and an episode is cut at ``episode_length`` steps. Its lights cast no shadows: with MuJoCo's 4096-pixel shadow
 map a software renderer spends four fifths of a frame on them (0.11 s against 0.025 s of CPU at 128x128).
-Everything else (MT1 task, ``corner2`` camera and its flip, seeded goal positions, the 4-dim state and action)
-is LeRobot's code.
+Each frame is rendered after an ``mj_forward``: MetaWorld's reset moves reach-v3's goal site (and drawer-open-v3's
+drawer) after its last one, so LeRobot's first frame of an episode draws them where they are not, and a policy's first
+chunk acts on that. Everything else (MT1 task, ``corner2`` camera and its flip, seeded goal positions, the 4-dim
+state and action) is LeRobot's code.
 
 One camera cannot place a point in 3-D: reach-v3's goal is drawn in a box, and from ``corner2`` alone a goal near
 the camera and one further along the same ray look alike (without shadows nothing else tells them apart). So the
