@@ -91,7 +91,7 @@ def test_collector_frames_equal_the_rollout_envs(collected, capsys):
 def test_first_frame_shows_this_episodes_goal():
     """MetaWorld's reset moves reach-v3's goal site after its last ``mj_forward``; rendered as is, an episode's first
     frame showed the goal elsewhere, so the demonstrations' first frames and a policy's first chunk in closed loop
-    saw a goal that was not there (benchmarks/closed_loop_runs.md, run 27). The first frame must show the scene
+    saw a goal that was not there (benchmarks/closed_loop_runs.md, runs 27-30). The first frame must show the scene
     as the simulator state has it: recomputing every position changes no pixel."""
     import mujoco
 
