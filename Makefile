@@ -8,7 +8,7 @@ DEMO_PI05_OUT ?= outputs/demo-pi05
 DEMO_OFT_OUT ?= outputs/demo-openvla-oft
 ACCELERATE := $(BIN)/accelerate launch --config_file accelerate_configs/single_gpu.yaml
 # Closed loop in MetaWorld (make demo-sim): expert demonstrations, a tiny pi0.5, 50 rollouts on unseen seeds.
-# drawer-open-v3 by default: the tiny pi0.5 opens the drawer in 46/50 unseen seeds, presses button-press-topdown-v3
+# drawer-open-v3 by default: the tiny pi0.5 opens the drawer in 45-46/50 unseen seeds, presses button-press-topdown-v3
 # in 35/50; on reach-v3 it gets 46% with 5x the demos and 2x the steps (benchmarks/RESULTS.md). Another task:
 # make demo-sim SIM_TASK=reach-v3
 SIM_TASK ?= drawer-open-v3
