@@ -19,7 +19,7 @@ SIM_ENV = '{"task": "$(SIM_TASK)", "image_size": 112, "episode_length": 150}'
 # MuJoCo renders headless (a comment after the value would become part of it)
 export MUJOCO_GL ?= egl
 
-.PHONY: install install-sim demo demo-pi05 demo-oft demo-sim test test-slow bench bench-gpu lint format clean
+.PHONY: install install-sim demo demo-pi05 demo-oft sim-data demo-sim test test-slow bench bench-gpu lint format clean
 
 install: $(VENV)/.installed
 
@@ -58,12 +58,13 @@ demo-oft: install $(DEMO_DATA)/meta/info.json
 
 # Scripted-expert demonstrations (cached), a tiny pi0.5 trained on them, then 50 rollouts on seeds never collected
 # (0-49; collection uses 100000+), next to the expert and a random policy on the same seeds.
-$(SIM_DATA)/meta/info.json: | install-sim
+# The collector runs every time: it reuses $(SIM_DATA) only if collected with these settings by this collector version.
+sim-data: install-sim
 	$(BIN)/python -m vla_recipes.data.collect --env metaworld --task $(SIM_TASK) --episodes 100 --root $(SIM_DATA) \
 		--image_size 112 --episode_length 150
 
 # The baselines render on one core while the model's rollout runs on the other.
-demo-sim: install-sim $(SIM_DATA)/meta/info.json
+demo-sim: sim-data
 	$(ACCELERATE) recipes/sft.py --config recipes/demo/metaworld_pi05.yaml --dataset_root $(SIM_DATA) \
 		--dataset_repo_id local/mw_$(SIM_TASK) --max_steps $(SIM_STEPS) --output_dir $(SIM_OUT) --overwrite_output_dir true
 	for baseline in expert random; do \

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -46,7 +47,7 @@ def collected(request, tmp_path_factory):
     return root, CAMERA_KEYS[request.param]
 
 
-def test_collector_frames_equal_the_rollout_envs(collected, capsys):
+def test_collector_frames_equal_the_rollout_envs(collected):
     from lerobot.datasets import LeRobotDataset
     from lerobot.envs import make_env, make_env_pre_post_processors
     from lerobot.utils.constants import ACTION, OBS_STATE
@@ -83,9 +84,32 @@ def test_collector_frames_equal_the_rollout_envs(collected, capsys):
 
     if len(cameras) > 1:  # the cameras differ (a second camera adds a view, not a copy)
         assert not torch.equal(dataset[0][cameras[0]], dataset[0][cameras[1]])
-    collect.main(collect_args(collected, "--episodes", "5"))  # cached: a finished dataset is reused as is
+
+
+def test_collector_reuses_only_the_same_collection(collected, tmp_path, capsys):
+    """A finished dataset is reused (make demo-sim's cache) only when it is what the run asks for: one collected
+    with other settings, or by a collector that wrote stale first frames, stops the run and says why."""
+    root = tmp_path / "reach"
+    shutil.copytree(collected[0], root)
+    record_file = root / "meta/collection.json"
+    args = collect_args(
+        root, "--episodes", "1", "--cameras", *json.loads(record_file.read_text())["env_kwargs"]["cameras"]
+    )
+    collect.main(args)
     assert "reusing it" in capsys.readouterr().out
-    assert json.loads((collected / "meta/info.json").read_text())["total_episodes"] == 1
+    with pytest.raises(RecipeError, match=r"collected with episodes=1 \(asked 5\); delete it"):
+        collect.main([*args, "--episodes", "5"])
+    with pytest.raises(RecipeError, match=r"task='reach-v3' \(asked 'drawer-open-v3'\), image_size=56 \(asked 64\)"):
+        collect.main([*args, "--task", "drawer-open-v3", "--image_size", "64"])
+    record = json.loads(record_file.read_text())
+    del record["collector_version"]  # what collectors before the first-frame fix wrote
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(RecipeError, match=r"collector version 1, and since then the first frame is rendered after"):
+        collect.main(args)
+    record_file.unlink()  # a LeRobot dataset from elsewhere
+    with pytest.raises(RecipeError, match=r"holds a LeRobot dataset this collector did not write"):
+        collect.main(args)
+    assert json.loads((root / "meta/info.json").read_text())["total_episodes"] == 1  # nothing was overwritten
 
 
 def test_first_frame_shows_this_episodes_goal():

@@ -31,9 +31,8 @@ def bound(camera_position: np.ndarray, goals: np.ndarray, low: np.ndarray, high:
 
 def main() -> None:
     env = sized_env("reach-v3", 112, 150)
-    env.reset(seed=0)  # builds the MuJoCo model with LeRobot's corner2 pose
+    env.reset(seed=0)  # builds the MuJoCo model with LeRobot's corner2 pose; its render computed the positions
     model, data = env._env.model, env._env.data
-    mujoco.mj_forward(model, data)
     low, high = env._env.goal_space.low, env._env.goal_space.high  # where SawyerReachEnvV3 draws its goals
     goals = np.random.default_rng(0).uniform(low, high, size=(2000, 3))
     for camera in ("corner2", "topview"):

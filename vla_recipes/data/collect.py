@@ -14,7 +14,9 @@ description. Episode ``i`` is seeded ``--seed + i`` (failed seeds are skipped), 
 (100000) up, while evaluation seeds run from 0: no goal position a policy was trained on is scored.
 
 The dataset is written to ``<root>.partial`` and renamed to ``<root>`` once finalised: an interrupted run leaves
-no folder that looks complete (the next run starts over), and a finished one is reused as is.
+no folder that looks complete (the next run starts over). A finished one is reused only when ``meta/collection.json``
+says it was collected with the same env settings and episode count by a collector that writes what this one does;
+otherwise the run stops and says why, rather than train on other data than asked.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ import numpy as np
 from vla_recipes.configs import RecipeError
 
 EXPERT_ENVS = ("metaworld",)  # the envs that ship a scripted expert
+# What changed in what the collector writes, by version: a dataset written before a change is not reused.
+COLLECTOR_CHANGES = {
+    2: "the first frame is rendered after the reset's positions are computed (it showed reach-v3's goal and "
+    "drawer-open-v3's drawer where the previous episode left them)",
+}
+COLLECTOR_VERSION = max(COLLECTOR_CHANGES)
 
 
 def parse_args(args: list[str] | None = None) -> argparse.Namespace:
@@ -104,6 +112,27 @@ def expert_episode(
     return frames, False
 
 
+def check_reusable(root: Path, env_kwargs: dict, episodes: int) -> None:
+    """Stop unless the finished dataset in ``root`` is what this run would collect (see the module docstring)."""
+    record_file = root / "meta" / "collection.json"
+    if not record_file.is_file():
+        raise RecipeError(f"--root {root} holds a LeRobot dataset this collector did not write (no {record_file})")
+    record = json.loads(record_file.read_text())
+    version = record.get("collector_version", 1)
+    if version < COLLECTOR_VERSION:
+        changes = "; ".join(change for after, change in COLLECTOR_CHANGES.items() if after > version)
+        raise RecipeError(
+            f"{root} was written by collector version {version}, and since then {changes}: delete it to collect again"
+        )
+    settings = {"episodes": len(record["seeds"])} | record["env_kwargs"]
+    asked = {"episodes": episodes} | env_kwargs
+    differ = [
+        f"{key}={settings.get(key)!r} (asked {value!r})" for key, value in asked.items() if settings.get(key) != value
+    ]
+    if differ:
+        raise RecipeError(f"{root} was collected with {', '.join(differ)}; delete it or pick another --root")
+
+
 def collect(cli: argparse.Namespace) -> Path:
     """Collect ``cli.episodes`` successful expert episodes into ``cli.root``; returns the dataset folder."""
     from lerobot.datasets import LeRobotDataset
@@ -114,16 +143,17 @@ def collect(cli: argparse.Namespace) -> Path:
     from vla_recipes.envs.metaworld import ENV_TYPE, check_renderer, check_task
 
     root = Path(cli.root)
+    env_kwargs = {
+        "task": cli.task, "image_size": cli.image_size, "episode_length": cli.episode_length, "cameras": cli.cameras
+    }  # fmt: skip
     if (root / "meta" / "info.json").is_file():
-        print(f"{root} already holds a collected dataset: reusing it (delete it to collect again)")
+        check_reusable(root, env_kwargs, cli.episodes)
+        print(f"{root} already holds this collection: reusing it (delete it to collect again)")
         return root
     if root.exists():
         raise RecipeError(f"--root {root} exists but is not a LeRobot dataset; pick another folder or delete it")
     check_renderer()
     check_task(cli.task)
-    env_kwargs = {
-        "task": cli.task, "image_size": cli.image_size, "episode_length": cli.episode_length, "cameras": cli.cameras
-    }  # fmt: skip
     env_cfg = make_env_config(ENV_TYPE, **env_kwargs)
     vector_env = make_env(env_cfg, n_envs=1)[cli.task][0]
     env_preprocessor, _ = make_env_pre_post_processors(env_cfg, None)
@@ -162,6 +192,7 @@ def collect(cli: argparse.Namespace) -> Path:
             f"{cli.episodes}; raise --max_attempts or --episode_length"
         )
     record = {
+        "collector_version": COLLECTOR_VERSION,
         "env": ENV_TYPE,
         "env_kwargs": env_kwargs,
         "task_description": task,
