@@ -112,6 +112,28 @@ def test_collector_reuses_only_the_same_collection(collected, tmp_path, capsys):
     assert json.loads((root / "meta/info.json").read_text())["total_episodes"] == 1  # nothing was overwritten
 
 
+def test_steps_after_success_extend_the_episode(collected, tmp_path):
+    """``--steps_after_success`` keeps the episode as it was up to its success and appends what the expert does next:
+    the policy also sees the expert slow down at the goal, which an episode cut at success never shows."""
+    from lerobot.datasets import LeRobotDataset
+    from lerobot.utils.constants import ACTION
+
+    source, cameras = collected
+    env_kwargs = json.loads((source / "meta/collection.json").read_text())["env_kwargs"]
+    root = tmp_path / "hold"
+    args = collect_args(root, "--episodes", "1", "--cameras", *env_kwargs["cameras"], "--steps_after_success", "6")
+    collect.main(args)
+    cut, held = LeRobotDataset("local/reach", root=source), LeRobotDataset("local/hold", root=root)
+    assert held.num_frames == cut.num_frames + 6
+    assert json.loads((root / "meta/collection.json").read_text())["steps_after_success"] == 6
+    for index in range(cut.num_frames):  # the same seed: the frames up to the success are unchanged
+        assert all(torch.equal(cut[index][key], held[index][key]) for key in [*cameras, ACTION])
+    extra = torch.stack([held[i][ACTION][:3] for i in range(cut.num_frames, held.num_frames)]).norm(dim=1)
+    assert torch.all(extra[1:] < extra[:-1])  # the expert closes in on the goal: ever smaller moves
+    with pytest.raises(RecipeError, match=r"steps_after_success=6 \(asked 0\)"):
+        collect.main(args[:-2])
+
+
 def test_first_frame_shows_this_episodes_goal():
     """MetaWorld's reset moves reach-v3's goal site after its last ``mj_forward``; rendered as is, an episode's first
     frame showed the goal elsewhere, so the demonstrations' first frames and a policy's first chunk in closed loop

@@ -11,7 +11,9 @@ action scale). Images are stored losslessly (PNG in the parquet files), so they 
 
 Only successful episodes are kept (the dropped ones are counted); each episode's task prompt is the env's task
 description. Episode ``i`` is seeded ``--seed + i`` (failed seeds are skipped), from ``COLLECTION_SEED_START``
-(100000) up, while evaluation seeds run from 0: no goal position a policy was trained on is scored.
+(100000) up, while evaluation seeds run from 0: no goal position a policy was trained on is scored. An episode ends
+at its success unless ``--steps_after_success`` records the expert's next steps too: cut at success, the data never
+shows a hand at (or past) the goal, so a policy that misses the success radius has never seen anyone stop.
 
 The dataset is written to ``<root>.partial`` and renamed to ``<root>`` once finalised: an interrupted run leaves
 no folder that looks complete (the next run starts over). A finished one is reused only when ``meta/collection.json``
@@ -54,6 +56,10 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
         "--cameras", nargs="+", default=["corner2"], help="MetaWorld cameras to record (corner2, topview, ...)."
     )
     parser.add_argument("--episode_length", type=int, default=400, help="Steps after which an episode has failed.")
+    parser.add_argument(
+        "--steps_after_success", type=int, default=0,
+        help="Expert steps recorded after an episode's success: the policy also sees the expert stop at the goal.",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=COLLECTION_SEED_START, help="Seed of the first episode.")
     parser.add_argument("--max_attempts", type=int, default=None, help="Episodes tried at most (default: 2x + 10).")
     cli = parser.parse_args(args)
@@ -61,6 +67,8 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--seed must be >= {COLLECTION_SEED_START}: seeds below it are evaluation seeds")
     if cli.episodes < 1:
         parser.error("--episodes must be >= 1")
+    if cli.steps_after_success < 0:
+        parser.error("--steps_after_success must be >= 0")
     return cli
 
 
@@ -93,26 +101,42 @@ def as_frame(observation: dict, action: np.ndarray, cameras: list[str]) -> dict:
     return images | {OBS_STATE: observation[OBS_STATE][0].numpy().astype(np.float32), ACTION: action}
 
 
+def batch_of_one(observation: dict) -> dict:
+    """A single env's observation as its vector env returns it (a leading batch axis of one)."""
+    return {k: batch_of_one(v) if isinstance(v, dict) else np.asarray(v)[None] for k, v in observation.items()}
+
+
 def expert_episode(
-    vector_env, env_preprocessor, seed: int, max_steps: int, cameras: list[str]
+    vector_env, env_preprocessor, seed: int, max_steps: int, cameras: list[str], steps_after_success: int = 0
 ) -> tuple[list[dict], bool]:
-    """Roll the scripted expert out from ``seed``: the frames up to the step that succeeded, and whether it did."""
+    """Roll the scripted expert out from ``seed``: the frames up to the step that succeeded (and the expert's next
+    ``steps_after_success``, which show it holding at the goal), and whether it succeeded."""
     from vla_recipes.envs.metaworld import expert_action
 
     raw, _ = vector_env.reset(seed=[seed])
+    env = vector_env.envs[0]
     frames = []
     for _ in range(max_steps):
-        action = expert_action(vector_env.envs[0])
+        action = expert_action(env)
         frames.append(as_frame(policy_observation(raw, env_preprocessor), action, cameras))
         raw, _, terminated, truncated, info = vector_env.step(action[None])
         if bool(info["is_success"][0]):
-            return frames, True
-        if terminated[0] or truncated[0]:
             break
-    return frames, False
+        if terminated[0] or truncated[0]:
+            return frames, False
+    else:
+        return frames, False
+    for _ in range(steps_after_success):  # the vector env would reset the finished episode: step its env directly
+        action = expert_action(env)
+        frames.append(as_frame(policy_observation(raw, env_preprocessor), action, cameras))
+        observation, _, _, truncated, _ = env.step(action)
+        raw = batch_of_one(observation)
+        if truncated:
+            break
+    return frames, True
 
 
-def check_reusable(root: Path, env_kwargs: dict, episodes: int) -> None:
+def check_reusable(root: Path, env_kwargs: dict, episodes: int, steps_after_success: int) -> None:
     """Stop unless the finished dataset in ``root`` is what this run would collect (see the module docstring)."""
     record_file = root / "meta" / "collection.json"
     if not record_file.is_file():
@@ -124,8 +148,9 @@ def check_reusable(root: Path, env_kwargs: dict, episodes: int) -> None:
         raise RecipeError(
             f"{root} was written by collector version {version}, and since then {changes}: delete it to collect again"
         )
-    settings = {"episodes": len(record["seeds"])} | record["env_kwargs"]
-    asked = {"episodes": episodes} | env_kwargs
+    settings = {"episodes": len(record["seeds"]), "steps_after_success": record.get("steps_after_success", 0)}
+    settings |= record["env_kwargs"]
+    asked = {"episodes": episodes, "steps_after_success": steps_after_success} | env_kwargs
     differ = [
         f"{key}={settings.get(key)!r} (asked {value!r})" for key, value in asked.items() if settings.get(key) != value
     ]
@@ -147,7 +172,7 @@ def collect(cli: argparse.Namespace) -> Path:
         "task": cli.task, "image_size": cli.image_size, "episode_length": cli.episode_length, "cameras": cli.cameras
     }  # fmt: skip
     if (root / "meta" / "info.json").is_file():
-        check_reusable(root, env_kwargs, cli.episodes)
+        check_reusable(root, env_kwargs, cli.episodes, cli.steps_after_success)
         print(f"{root} already holds this collection: reusing it (delete it to collect again)")
         return root
     if root.exists():
@@ -171,7 +196,9 @@ def collect(cli: argparse.Namespace) -> Path:
     seeds, dropped = [], []
     with tqdm(total=cli.episodes, desc=f"{cli.task} expert episodes", unit="ep") as progress:
         for seed in range(cli.seed, cli.seed + max_attempts):
-            frames, success = expert_episode(vector_env, env_preprocessor, seed, cli.episode_length, cameras)
+            frames, success = expert_episode(
+                vector_env, env_preprocessor, seed, cli.episode_length, cameras, cli.steps_after_success
+            )
             if not success:
                 dropped.append(seed)
                 progress.set_postfix(dropped=len(dropped))
@@ -195,6 +222,7 @@ def collect(cli: argparse.Namespace) -> Path:
         "collector_version": COLLECTOR_VERSION,
         "env": ENV_TYPE,
         "env_kwargs": env_kwargs,
+        "steps_after_success": cli.steps_after_success,
         "task_description": task,
         "seeds": seeds,
         "dropped_seeds": dropped,
