@@ -41,7 +41,6 @@ def main() -> None:
             renderer.enable_segmentation_rendering()
         goal_site = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, "goal")
         for _ in range(150):
-            mujoco.mj_forward(model, data)  # reset moves the goal after its last forward (see metaworld_sized)
             distance = float(np.linalg.norm(data.site_xpos[goal_site] - env._env.tcp_center))
             rows.append((distance, goal_pixels(renderer, data, goal_site)))
             _, _, terminated, truncated, _ = env.step(expert_action(env))
