@@ -16,6 +16,7 @@ from vla_recipes.envs.metaworld import COLLECTION_SEED_START, expert_action, siz
 CAMERAS = ("corner2", "topview", "gripperPOV", "behindGripper")
 BINS = ((0.15, np.inf), (0.10, 0.15), (0.07, 0.10), (0.05, 0.07))  # hand-goal distance (m); success is < 0.05
 IMAGE_SIZE = 112
+EPISODE_LENGTH = 150  # as the collections and rollouts
 EPISODES = 20
 
 
@@ -30,7 +31,7 @@ def goal_pixels(renderer: mujoco.Renderer, data, goal_site: int) -> list[int]:
 
 
 def main() -> None:
-    env = sized_env("reach-v3", IMAGE_SIZE, 150)
+    env = sized_env("reach-v3", IMAGE_SIZE, EPISODE_LENGTH)
     rows = []  # (distance, pixels per camera)
     renderer = None
     for seed in range(COLLECTION_SEED_START, COLLECTION_SEED_START + EPISODES):
@@ -40,11 +41,11 @@ def main() -> None:
             renderer = mujoco.Renderer(model, IMAGE_SIZE, IMAGE_SIZE)
             renderer.enable_segmentation_rendering()
         goal_site = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, "goal")
-        for _ in range(150):
+        for _ in range(EPISODE_LENGTH):  # the env itself truncates only at MetaWorld's 500 steps
             distance = float(np.linalg.norm(data.site_xpos[goal_site] - env._env.tcp_center))
             rows.append((distance, goal_pixels(renderer, data, goal_site)))
             _, _, terminated, truncated, _ = env.step(expert_action(env))
-            if terminated or truncated:  # success (LeRobot's wrapper ends the episode there) or the time limit
+            if terminated or truncated:  # success: LeRobot's wrapper ends the episode there
                 break
     renderer.close()
     env.close()
